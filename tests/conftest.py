@@ -1,0 +1,66 @@
+"""Shared helpers: run the real entry points in subprocesses, on free ports, with timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run(cmd: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's children too)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def train_cmd(overrides: list[str], processes: int = 1, script: str = "train.py") -> list[str]:
+    """``python train.py ...`` for one process, ``accelerate launch --config_file launch/cpu.yaml`` for more."""
+    if processes == 1:
+        return [PYTHON, script, *overrides]
+    return [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "cpu.yaml"), "--num_processes",
+            str(processes), "--main_process_port", str(free_port()), script, *overrides]
+
+
+def train(overrides: list[str], processes: int = 1, timeout: float = 240, check: bool = True,
+          script: str = "train.py") -> subprocess.CompletedProcess:
+    result = run(train_cmd(overrides, processes, script), timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,94 @@
+"""Command-line entries: ``train.py`` (training) and ``toolkit`` (plan, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from toolkit.config import ConfigError, load_config
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+DEBUG_STEPS = 20
+"""Debug mode runs at most this many steps unless train.steps is given on the command line."""
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def train_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train with a global batch stated once.")
+    parser.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
+    parser.add_argument("--debug", action="store_true",
+                        help="one process on the one device, deterministic, stop at the first NaN/Inf, short run")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.global_size=64 train.steps=20")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.debug:
+            cfg.train.debug = True
+            if not any(o.startswith("train.steps=") for o in args.overrides):
+                cfg.train.steps = min(cfg.train.steps, DEBUG_STEPS)
+        # Imported after the config is checked, so that a bad config fails in a fraction of a second.
+        from toolkit.trainer import NonFiniteError, Trainer
+
+        try:
+            Trainer(cfg).train()
+        except NonFiniteError as exc:
+            return _error(str(exc), EXIT_NONFINITE)
+    except ConfigError as exc:
+        return _error(str(exc), EXIT_CONFIG)
+    return 0
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    from toolkit.batch import make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, args.world_size, cfg.data.seq_len)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())
+    return 0
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    from toolkit.bench import parity
+
+    cfg = load_config(args.config, args.overrides)
+    result = parity(cfg, steps=args.steps, repeats=args.repeats)
+    print(json.dumps(result, indent=2) if args.json else result["report"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="toolkit", description="Global-batch training toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="show the batch plan for a config and a world size, without training")
+    p.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.micro_size=4")
+    p.set_defaults(func=plan_main)
+
+    b = sub.add_parser("bench", help="benchmarks, as ratios against a baseline measured in the same run")
+    b.add_argument("which", choices=["parity"], help="parity: the toolkit's loop against a plain PyTorch loop")
+    b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml)")
+    b.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
+    b.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each loop")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("overrides", nargs="*")
+    b.set_defaults(func=bench_main)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        return _error(str(exc), EXIT_CONFIG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Typed run configuration: dataclasses with a docstring under every field.
+
+A run is configured by a YAML file (``--config FILE``, default ``configs/tiny.yaml``) merged over
+these defaults, then by dotted overrides from the command line (``batch.global_size=64``).
+OmegaConf does the parsing, merging and type checking; this module turns its exceptions into one
+readable line (``ConfigError``) and adds the checks that types alone cannot express.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration the toolkit refuses. Its message is one line naming the key and what is valid."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    """Name of the run; the default run directory is ``runs/<name>``."""
+
+    dir: str | None = None
+    """Run directory for config.yaml, metrics.jsonl, summary.json and final/. Default: ``runs/<run.name>``."""
+
+    record_samples: bool = False
+    """Write ``samples-rank<R>.jsonl``: the dataset indices each rank computed at each optimizer step.
+    Used by the data-order tests; off by default because it writes a line per step per rank."""
+
+
+@dataclass
+class BatchConfig:
+    global_size: int = 32
+    """Samples per optimizer step, summed over all processes and micro-steps. The number that shapes the
+    optimisation; everything below is a hardware detail derived from it."""
+
+    micro_size: int | None = None
+    """Samples per process per forward/backward. Unset: global_size / world_size (no accumulation).
+    The accumulation steps are global_size / (micro_size * world_size) and must be a whole number."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """Where samples come from: ``stdlib`` (this Python's standard-library source, as bytes, vocabulary
+    256), ``tokens`` (a nanoGPT-style ``.bin`` of uint16 token ids at ``data.path``) or ``synthetic``
+    (random tokens, for benchmarks)."""
+
+    path: str | None = None
+    """Token file for ``source: tokens`` (a flat array of uint16 ids, memory-mapped)."""
+
+    val_path: str | None = None
+    """Validation token file for ``source: tokens``. Unset: the last ``val_fraction`` of ``path``."""
+
+    seq_len: int = 128
+    """Tokens per sample fed to the model (each sample holds seq_len + 1 tokens: inputs and shifted targets)."""
+
+    pack: bool = True
+    """True: cut one contiguous token stream into seq_len windows (every target is valid).
+    False: one document chunk per sample, padded; padding is excluded from the loss, so samples carry
+    different numbers of valid targets (only for ``stdlib`` and ``synthetic``)."""
+
+    val_fraction: float = 0.05
+    """Share of files (stdlib) or tokens (tokens, synthetic) held out for validation, in (0, 0.5]."""
+
+    max_bytes: int = 4_000_000
+    """stdlib: read files in sorted order until this many bytes; bounds start-up time and memory."""
+
+    synthetic_tokens: int = 1_000_000
+    """synthetic: length of the random token stream."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    """Preset: ``nano`` (0.1M parameters, for tests), ``tiny`` (0.8M, the CPU default), ``small`` (3.2M) or
+    ``gpt2-small`` (124M).
+    The fields below override the preset when set."""
+
+    n_layer: int | None = None
+    """Transformer blocks. Unset: from the preset."""
+
+    n_head: int | None = None
+    """Attention heads per block. Unset: from the preset."""
+
+    n_embd: int | None = None
+    """Width of the residual stream; must be divisible by n_head. Unset: from the preset."""
+
+    vocab_size: int | None = None
+    """Vocabulary size. Unset: 256 for stdlib bytes, 50304 for token files and synthetic data."""
+
+    dropout: float = 0.0
+    """Dropout probability. Zero by default: dropout draws per-rank random numbers, so the same global
+    batch split differently would not give the same gradient."""
+
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` (worth it on GPU, slow to start on CPU)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (AdamW), reached at the end of warmup."""
+
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to biases, norms)."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    warmup_samples: int = 1600
+    """Linear warmup length in samples (not steps), so changing the GPU count changes nothing."""
+
+    decay_samples: int | None = None
+    """Cosine decay ends after this many samples. Unset: train.steps * batch.global_size."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps to run."""
+
+    log_every: int = 10
+    """Optimizer steps between log lines (the loss is read back from the device only then)."""
+
+    val_every: int = 100
+    """Optimizer steps between validations; 0 validates only at the end."""
+
+    val_batches: int = 4
+    """Global batches of the validation split per validation."""
+
+    device: str = "auto"
+    """``auto`` (CUDA if present, else CPU with gloo), ``cuda`` or ``cpu``."""
+
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
+
+    debug: bool = False
+    """Single-device debug mode: one process, deterministic algorithms, every loss and gradient checked
+    for NaN/Inf (stops at the first with step, micro-step and parameter). Set by ``train.py --debug``."""
+
+    progress: bool = True
+    """Show a tqdm progress bar on the main process."""
+
+
+@dataclass
+class Config:
+    seed: int = 1337
+    """Seeds model initialisation and the data order (together with the epoch)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+CHOICES = {
+    "data.source": ("stdlib", "tokens", "synthetic"),
+    "model.size": ("nano", "tiny", "small", "gpt2-small"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "train.precision": ("auto", "fp32", "bf16"),
+}
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _section_class(dotted: str):
+    """The dataclass that holds the key ``dotted`` (``batch.foo`` -> BatchConfig), or None."""
+    cls = Config
+    for part in dotted.split(".")[:-1]:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names or not dataclasses.is_dataclass(names[part].default_factory):
+            return None
+        cls = names[part].default_factory
+    return cls
+
+
+def _one_line(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        cls = _section_class(key)
+        valid = ", ".join(_field_names(cls)) if cls else ", ".join(_field_names(Config))
+        return ConfigError(f"unknown config key '{key}' in {origin}; valid keys here: {valid}")
+    first = str(exc).splitlines()[0]
+    return ConfigError(f"bad value for '{key}' in {origin}: {first}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, type-checked, then validated. Raises ConfigError."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass --config FILE with a YAML file from configs/)")
+    schema = OmegaConf.structured(Config)
+    try:
+        from_file = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in several types
+        raise ConfigError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    try:
+        merged = OmegaConf.merge(schema, from_file)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, str(path)) from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. batch.global_size=64)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, "the command line overrides") from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types cannot express. Batch divisibility is checked by the batch plan."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in choices, f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    _require(cfg.train.steps > 0, f"train.steps={cfg.train.steps} must be a positive number of optimizer steps")
+    _require(cfg.train.log_every > 0, f"train.log_every={cfg.train.log_every} must be >= 1")
+    _require(cfg.train.val_every >= 0, f"train.val_every={cfg.train.val_every} must be >= 0 (0: only at the end)")
+    _require(cfg.train.val_batches > 0, f"train.val_batches={cfg.train.val_batches} must be >= 1")
+    _require(cfg.batch.global_size > 0, f"batch.global_size={cfg.batch.global_size} must be a positive number of samples")
+    micro = cfg.batch.micro_size
+    _require(micro is None or micro > 0, f"batch.micro_size={micro} must be a positive number of samples")
+    _require(
+        micro is None or micro <= cfg.batch.global_size,
+        f"batch.micro_size={micro} is larger than batch.global_size={cfg.batch.global_size}; "
+        f"use a micro size of at most {cfg.batch.global_size}",
+    )
+    _require(cfg.data.seq_len > 1, f"data.seq_len={cfg.data.seq_len} must be at least 2")
+    _require(0 < cfg.data.val_fraction <= 0.5, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5]")
+    _require(cfg.data.max_bytes > 0, f"data.max_bytes={cfg.data.max_bytes} must be positive")
+    if cfg.data.source == "tokens":
+        _require(cfg.data.path is not None, "data.path is required with data.source=tokens (a .bin of uint16 token ids)")
+        _require(Path(cfg.data.path).is_file(), f"data.path: file not found: {cfg.data.path}")
+        _require(
+            cfg.data.val_path is None or Path(cfg.data.val_path).is_file(),
+            f"data.val_path: file not found: {cfg.data.val_path}",
+        )
+        _require(cfg.data.pack, "data.pack=false needs document boundaries; use it with data.source=stdlib or synthetic")
+    else:
+        _require(cfg.data.path is None, f"data.path is only read with data.source=tokens (data.source={cfg.data.source})")
+    _require(0 <= cfg.model.dropout < 1, f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        value = getattr(cfg.model, name)
+        _require(value is None or value > 0, f"model.{name}={value} must be positive")
+    _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
+    _require(0 <= cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr={cfg.optim.min_lr} must be in [0, optim.lr]")
+    _require(cfg.optim.warmup_samples >= 0, f"optim.warmup_samples={cfg.optim.warmup_samples} must be >= 0")
+    _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(
+        cfg.optim.decay_samples is None or cfg.optim.decay_samples > 0,
+        f"optim.decay_samples={cfg.optim.decay_samples} must be positive",
+    )
+
+
+def to_yaml(cfg: Config, extra: dict | None = None) -> str:
+    """The resolved config as YAML, with extra top-level sections (the batch plan) appended."""
+    data = dataclasses.asdict(cfg)
+    if extra:
+        data.update(extra)
+    return OmegaConf.to_yaml(OmegaConf.create(data))

@@ -1,0 +1,274 @@
+"""The training loop, readable top to bottom: ``train`` -> ``train_step`` -> ``forward_backward``.
+
+The math that must not depend on the hardware:
+
+* Step k uses the global batch the sampler gives for k (seed and epoch only). This rank computes its
+  slice of it, in ``plan.accumulation`` micro-batches.
+* The loss of a step is the *sum* of per-token losses over the whole global batch divided by the
+  number of valid targets in the whole global batch. Every rank knows that number before the first
+  micro-step (``Samples.valid_targets`` reads it from the sample lengths, no communication), so each
+  micro-batch's summed loss is divided by the same global count. DDP then *averages* gradients over
+  the ranks, so each rank multiplies its loss by the world size to turn that mean back into a sum.
+  Averaging per-micro-batch means instead would weigh a micro-batch of few valid tokens as much as a
+  full one, and the gradient would change with the split (transformers#34191).
+* Gradients are all-reduced once per optimizer step: every micro-step but the last runs under
+  ``no_sync``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from toolkit.batch import BatchPlan, make_plan
+from toolkit.config import Config, to_yaml
+from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches, validation_batches
+from toolkit.engine import build_accelerator
+from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups
+from toolkit.schedule import lr_at
+from toolkit.tracking import MetricsLog, write_json_atomic
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf in debug mode, naming the step, micro-step and (for gradients) the parameter."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.accelerator = build_accelerator(cfg)
+        acc = self.accelerator
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        self.plan: BatchPlan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, self.world_size, cfg.data.seq_len)
+
+        model = build_model(cfg)
+        self.shape = model.shape
+        self.n_params = num_params(model)
+        self.flops_per_token = flops_per_token(model.shape, self.n_params)
+        self.train_data, self.val_data = load_data(cfg, model.shape.vocab_size)
+        self.sampler = GlobalBatchSampler(len(self.train_data), cfg.batch.global_size, cfg.seed)
+
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(
+            optimizer_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+        )
+        if cfg.model.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.decay_samples = o.decay_samples or cfg.train.steps * cfg.batch.global_size
+
+        self.step = 0  # optimizer steps done; also the sampler's position
+        self.lr = 0.0
+        self.micro_step = 0  # micro-step within the current optimizer step (read by tests' hooks)
+        self.run_dir = cfg.run_dir
+        self.metrics: MetricsLog | None = None
+        self.last_val_loss: float | None = None
+        self.train_time_s = 0.0  # wall time spent in train_step, for the mean throughput
+        # Running sums since the last log step, kept on the device so that no step waits for the host.
+        self._loss_sum = torch.zeros((), device=acc.device)
+        self._valid_since_log = 0
+        self._grad_norm = torch.zeros((), device=acc.device)
+        self._log_clock = (time.perf_counter(), 0)
+
+    # ----------------------------------------------------------------------------------------- run
+    def train(self) -> dict:
+        """The whole run: write the config, train ``train.steps`` steps, validate, save, summarise."""
+        self.start()
+        self.run_steps(self.cfg.train.steps - self.step)
+        return self.finish()
+
+    def start(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
+            print(f"run directory: {self.run_dir}\n{self.plan.table()}\nmodel: {self.n_params:,} parameters, "
+                  f"{self.shape}\ndevice: {acc.device} ({acc.distributed_type}), precision: {acc.mixed_precision}",
+                  flush=True)
+        acc.wait_for_everyone()  # the run directory exists before any rank writes into it
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process)
+        self._samples_file = (
+            open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
+        )
+        self.progress = tqdm(
+            total=cfg.train.steps, initial=self.step,
+            # A bar redrawn with carriage returns is noise in a log file: only on a terminal.
+            disable=not (acc.is_main_process and cfg.train.progress and sys.stderr.isatty()),
+            dynamic_ncols=True, desc="train",
+        )
+
+    def run_steps(self, count: int) -> None:
+        """``count`` optimizer steps, with logging and periodic validation."""
+        cfg = self.cfg
+        for _ in range(count):
+            started = time.perf_counter()
+            self.train_step()
+            self.train_time_s += time.perf_counter() - started
+            self.progress.update(1)
+            last = self.step == cfg.train.steps
+            if self.step % cfg.train.log_every == 0 or last:
+                self.log_train()
+            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and not last:
+                self.log_validation()
+
+    # ----------------------------------------------------------------------------------------- step
+    def train_step(self) -> None:
+        """One optimizer step over one global batch."""
+        cfg, plan = self.cfg, self.plan
+        global_batch = self.sampler.global_batch(self.step)
+        valid_targets = self.train_data.valid_targets(global_batch)  # the whole global batch's count
+        micro_batches = rank_micro_batches(global_batch, plan, self.rank)
+        if self._samples_file:
+            self._samples_file.write(f'{{"step": {self.step}, "indices": {sum(micro_batches, [])}}}\n')
+
+        samples_done = (self.step + 1) * plan.global_size
+        lr = lr_at(samples_done, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_samples, self.decay_samples)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr = lr
+
+        for j, indices in enumerate(micro_batches):
+            self.micro_step = j
+            self.forward_backward(indices, valid_targets, sync=j == len(micro_batches) - 1)
+
+        if cfg.train.debug:
+            self.check_gradients()
+        if cfg.optim.grad_clip > 0:
+            self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._valid_since_log += valid_targets
+        self.step += 1
+
+    def forward_backward(self, indices: list[int], valid_targets: int, sync: bool) -> None:
+        """Forward and backward of one micro-batch; gradients are all-reduced only when ``sync``."""
+        acc = self.accelerator
+        x, y = self.train_data.batch(indices)
+        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+        # Looking at DDP's source, no_sync only skips the reducer's hooks for backward passes run inside it,
+        # so the backward must be inside the context too.
+        with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with acc.autocast():
+                loss_sum = self.model(x, y)
+            if self.cfg.train.debug and not torch.isfinite(loss_sum):
+                raise NonFiniteError(
+                    f"non-finite loss ({loss_sum.item()}) at step {self.step + 1}, micro-step {self.micro_step}"
+                )
+            acc.backward(loss_sum * (self.world_size / valid_targets))
+        self._loss_sum += loss_sum.detach().float()
+
+    def check_gradients(self) -> None:
+        """Debug mode: the first parameter whose (accumulated) gradient is not finite stops the run."""
+        for name, p in self.accelerator.unwrap_model(self.model).named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(
+                    f"non-finite gradient in parameter '{name}' at step {self.step + 1} "
+                    f"(after micro-step {self.micro_step})"
+                )
+
+    # ----------------------------------------------------------------------------------------- logs
+    def log_train(self) -> None:
+        """Read the running sums back from the device (the only host sync of the loop) and log them."""
+        acc, plan = self.accelerator, self.plan
+        loss_sum = acc.reduce(self._loss_sum.clone(), reduction="sum").item()
+        loss = loss_sum / max(self._valid_since_log, 1)
+        now, step_then = time.perf_counter(), self._log_clock[1]
+        elapsed = now - self._log_clock[0]
+        steps = self.step - step_then
+        tokens_per_s = steps * plan.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        record = {
+            "step": self.step,
+            "samples": self.step * plan.global_size,
+            "tokens": self.step * plan.tokens_per_step,
+            "loss": loss,
+            "lr": self.lr,
+            "grad_norm": float(self._grad_norm),
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": elapsed / max(steps, 1),
+        }
+        self.metrics.log(record)
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if acc.is_main_process:
+            self.progress.write(
+                f"step {self.step:>6}  loss {loss:.4f}  lr {self.lr:.2e}  tokens/s {tokens_per_s:,.0f}"
+            )
+        self._loss_sum.zero_()
+        self._valid_since_log = 0
+        self._log_clock = (time.perf_counter(), self.step)  # validation time is not training time
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted loss over ``train.val_batches`` fixed global batches of the validation split."""
+        acc, model = self.accelerator, self.accelerator.unwrap_model(self.model)
+        model.eval()
+        loss_sum, valid = torch.zeros((), device=acc.device), 0
+        for global_batch in validation_batches(self.val_data, self.plan, self.cfg.train.val_batches):
+            valid += self.val_data.valid_targets(global_batch)
+            for indices in rank_micro_batches(global_batch, self.plan, self.rank):
+                x, y = self.val_data.batch(indices)
+                with acc.autocast():
+                    loss_sum += model(x.to(acc.device), y.to(acc.device)).float()
+        model.train()
+        return acc.reduce(loss_sum, reduction="sum").item() / valid
+
+    def log_validation(self) -> None:
+        self.last_val_loss = self.evaluate()
+        self.metrics.log({"step": self.step, "samples": self.step * self.plan.global_size, "val_loss": self.last_val_loss})
+        if self.accelerator.is_main_process:
+            self.progress.write(f"step {self.step:>6}  val_loss {self.last_val_loss:.4f}")
+        self._log_clock = (time.perf_counter(), self.step)
+
+    # ----------------------------------------------------------------------------------------- end
+    def finish(self) -> dict:
+        """Final validation, weights and summary; then a clean shutdown of the process group."""
+        acc, plan = self.accelerator, self.plan
+        self.log_validation()
+        self.progress.close()
+        if self._samples_file:
+            self._samples_file.close()
+        train_losses = [r["loss"] for r in self.metrics.history if "loss" in r]
+        summary = {
+            "steps": self.step,
+            "samples": self.step * plan.global_size,
+            "tokens": self.step * plan.tokens_per_step,
+            "final_loss": train_losses[-1] if train_losses else None,
+            "first_loss": train_losses[0] if train_losses else None,
+            "val_loss": self.last_val_loss,
+            "world_size": plan.world_size,
+            "micro_size": plan.micro_size,
+            "accumulation": plan.accumulation,
+            "global_size": plan.global_size,
+            "tokens_per_s": self.step * plan.tokens_per_step / self.train_time_s if self.train_time_s else 0.0,
+            "train_time_s": self.train_time_s,
+            "n_params": self.n_params,
+            "flops_per_token": self.flops_per_token,
+            "model": asdict(self.shape),
+        }
+        if acc.is_main_process:
+            self.save_final_weights()
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            print(f"done: {self.step} steps, final loss {summary['final_loss']:.4f}, "
+                  f"val loss {summary['val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s", flush=True)
+        self.metrics.close()
+        acc.wait_for_everyone()
+        acc.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return summary
+
+    def save_final_weights(self) -> None:
+        """A plain state dict in safetensors; tied weights are stored as separate copies."""
+        model = self.accelerator.unwrap_model(self.model)
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        final = self.run_dir / "final"
+        final.mkdir(exist_ok=True)
+        tmp = final / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(final / "model.safetensors")

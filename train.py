@@ -1,0 +1,16 @@
+"""Train a model on a global batch stated once.
+
+    python train.py                                   # the default job (configs/tiny.yaml), one process
+    python train.py --config configs/tiny.yaml batch.global_size=64 train.steps=50
+    python train.py --debug                           # one device, deterministic, NaN/Inf checks
+    accelerate launch --config_file launch/cpu.yaml train.py   # 2 processes on a CPU-only machine
+
+Exit codes: 0 done, 2 bad configuration (one line on stderr), 3 non-finite value in debug mode.
+"""
+
+import sys
+
+from toolkit.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))
