@@ -68,11 +68,14 @@ def packed(stream: np.ndarray, seq_len: int) -> Samples:
 
 
 def chunked(stream: np.ndarray, doc_bounds: list[tuple[int, int]], seq_len: int) -> Samples:
-    """One document chunk per sample: each document cut into pieces of up to seq_len + 1 tokens."""
+    """One document chunk per sample: each document cut into pieces of up to seq_len + 1 tokens.
+
+    Consecutive chunks overlap by one token (stride seq_len), as packed windows do, so every target of
+    a document is trained exactly once."""
     width = seq_len + 1
     starts, lengths = [], []
     for begin, end in doc_bounds:
-        for start in range(begin, end, width):
+        for start in range(begin, end - 1, seq_len):
             length = min(width, end - start)
             if length >= 2:  # a single token has no target
                 starts.append(start)
@@ -171,7 +174,7 @@ def load_data(cfg: Config, vocab_size: int) -> tuple[Samples, Samples]:
 class GlobalBatchSampler:
     """Which samples each optimizer step uses: a function of (seed, epoch, step) only.
 
-    Epoch e is a permutation of all samples drawn from a generator seeded with ``seed + e``; it is
+    Epoch e is a permutation of all samples drawn from a generator seeded with ``(seed, e)``; it is
     cut into ``len // global_size`` global batches (the remainder is dropped, so no sample repeats
     within an epoch). Step k is ``epoch = k // steps_per_epoch``. The sampler keeps no position of its
     own: the step number is the position, which makes resuming exact.
@@ -191,7 +194,9 @@ class GlobalBatchSampler:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
+            # SeedSequence mixes (seed, epoch) so that seed s, epoch 1 is not seed s + 1, epoch 0.
+            epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+            generator = torch.Generator().manual_seed(epoch_seed)
             self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator)
         return self._order
 

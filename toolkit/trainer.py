@@ -139,8 +139,9 @@ class Trainer:
 
         if cfg.train.debug:
             self.check_gradients()
-        if cfg.optim.grad_clip > 0:
-            self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        # With max_norm=inf this only measures the norm (logged as grad_norm); it stays on the device.
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._valid_since_log += valid_targets
@@ -151,8 +152,8 @@ class Trainer:
         acc = self.accelerator
         x, y = self.train_data.batch(indices)
         x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-        # Looking at DDP's source, no_sync only skips the reducer's hooks for backward passes run inside it,
-        # so the backward must be inside the context too.
+        # DDP decides in forward whether the coming backward all-reduces (no_sync clears
+        # require_backward_grad_sync, which forward reads), so the forward must run inside the context.
         with contextlib.nullcontext() if sync else acc.no_sync(self.model):
             with acc.autocast():
                 loss_sum = self.model(x, y)

@@ -1,0 +1,1 @@
+"""Global-batch training toolkit."""
