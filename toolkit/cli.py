@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from toolkit.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+BENCH_PARITY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-parity.yaml"
 DEBUG_STEPS = 20
 """Debug mode runs at most this many steps unless train.steps is given on the command line."""
 
@@ -26,7 +28,7 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true",
                         help="one process on the one device, deterministic, stop at the first NaN/Inf, short run")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.global_size=64 train.steps=20")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `train.py key=value --debug key=value` works too
     try:
         cfg = load_config(args.config, args.overrides)
         if args.debug:
@@ -57,7 +59,7 @@ def plan_main(args: argparse.Namespace) -> int:
 def bench_main(args: argparse.Namespace) -> int:
     from toolkit.bench import parity
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or BENCH_PARITY_CONFIG, args.overrides)
     result = parity(cfg, steps=args.steps, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else result["report"])
     return 0
@@ -83,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("overrides", nargs="*")
     b.set_defaults(func=bench_main)
 
-    args = parser.parse_args(argv)
+    # Overrides may stand before or after options (argparse alone rejects `--config X key=value`).
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return args.func(args)
     except ConfigError as exc:

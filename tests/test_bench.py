@@ -1,0 +1,70 @@
+"""``toolkit bench parity``: both loops must compute the same math, and the dict must add up.
+
+The speed ratio itself is what the benchmark measures; it is not asserted here (a test on a shared CPU
+cannot time anything reliably). What can fail is asserted: the plain PyTorch loop and the toolkit's loop
+end on the same weights and log the same losses, and the numbers in the result are consistent.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from conftest import ROOT
+
+from toolkit.bench import parity
+from toolkit.config import load_config
+
+# nano GPT, 8 samples of 32 tokens per step in 4 micro-batches of 2; synthetic documents of random length,
+# unpacked, so the samples carry different numbers of valid targets and the loss normalisation is part of
+# what must agree. Synthetic data starts faster than reading the standard library.
+SMALL = [
+    "model.size=nano", "model.vocab_size=256", "data.source=synthetic", "data.synthetic_tokens=40000",
+    "data.seq_len=32", "data.pack=false", "batch.global_size=8", "batch.micro_size=2",
+    "optim.warmup_samples=16", "train.log_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    before = sorted(p.name for p in ROOT.iterdir())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # nothing is timed against a target; one thread is fastest on a busy CPU
+    try:
+        out = parity(load_config(ROOT / "configs" / "bench-parity.yaml", SMALL), steps=5, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in ROOT.iterdir()) == before, "the bench wrote into the repository"
+    return out
+
+
+def test_both_loops_end_on_the_same_weights_and_losses(result):
+    assert result["weights_max_rel_diff"] <= 1e-5, result["report"]
+    assert result["loss_max_abs_diff"] <= 1e-5, result["report"]
+
+
+def test_result_adds_up(result):
+    for loop in ("toolkit", "plain"):
+        speeds = result[f"{loop}_tokens_per_s"]
+        assert len(speeds) == 2 and all(s > 0 for s in speeds), speeds
+        assert result[f"median_{loop}_tokens_per_s"] == statistics.median(speeds)
+        assert all(s > 0 for s in result[f"{loop}_cpu_s"])
+        assert result[f"{loop}_spread"] == max(speeds) / min(speeds)
+    assert result["ratio"] == pytest.approx(
+        result["median_toolkit_tokens_per_s"] / result["median_plain_tokens_per_s"], rel=1e-12
+    )
+    assert result["pair_ratios"] == [
+        t / p for t, p in zip(result["toolkit_tokens_per_s"], result["plain_tokens_per_s"], strict=True)
+    ]
+    c = result["config"]
+    assert (c["global_size"], c["micro_size"], c["accumulation"], c["seq_len"], c["steps"]) == (8, 2, 4, 32, 5)
+    assert c["n_params"] > 0 and c["torch_threads"] >= 1
+    assert result["report"].splitlines()[-1] == (
+        f"parity ratio (toolkit / plain PyTorch tokens/s): {result['ratio']:.2f}"
+    )
+
+
+def test_default_config_exists():
+    cfg = load_config(ROOT / "configs" / "bench-parity.yaml")
+    assert (cfg.batch.global_size, cfg.batch.micro_size, cfg.data.seq_len) == (32, 8, 128)
