@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from toolkit.batch import make_plan
 from toolkit.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
@@ -18,7 +19,9 @@ DEBUG_STEPS = 20
 
 
 def _error(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # Under a launcher every rank meets the same error; one line from rank 0 is enough.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     return code
 
 
@@ -35,7 +38,9 @@ def train_main(argv: list[str]) -> int:
             cfg.train.debug = True
             if not any(o.startswith("train.steps=") for o in args.overrides):
                 cfg.train.steps = min(cfg.train.steps, DEBUG_STEPS)
-        # Imported after the config is checked, so that a bad config fails in a fraction of a second.
+        # The plan is checked against the launcher's world size before any process group exists, and the
+        # trainer is imported only then, so that a bad config fails in a fraction of a second.
+        make_plan(cfg.batch.global_size, cfg.batch.micro_size, int(os.environ.get("WORLD_SIZE", "1")))
         from toolkit.trainer import NonFiniteError, Trainer
 
         try:
@@ -48,8 +53,6 @@ def train_main(argv: list[str]) -> int:
 
 
 def plan_main(args: argparse.Namespace) -> int:
-    from toolkit.batch import make_plan
-
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, args.world_size, cfg.data.seq_len)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())

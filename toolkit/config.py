@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -160,7 +160,8 @@ class TrainConfig:
     for NaN/Inf (stops at the first with step, micro-step and parameter). Set by ``train.py --debug``."""
 
     progress: bool = True
-    """Show a tqdm progress bar on the main process."""
+    """Show a tqdm progress bar on the main process when stderr is a terminal (log lines are printed
+    either way)."""
 
 
 @dataclass
@@ -203,8 +204,8 @@ def _section_class(dotted: str):
     return cls
 
 
-def _one_line(exc: OmegaConfBaseException, origin: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
+def _one_line(exc: OmegaConfBaseException, origin: str, fallback_key: str = "?") -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or fallback_key
     if isinstance(exc, ConfigKeyError):
         cls = _section_class(key)
         valid = ", ".join(_field_names(cls)) if cls else ", ".join(_field_names(Config))
@@ -223,6 +224,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         from_file = OmegaConf.load(path)
     except Exception as exc:  # YAML syntax errors come in several types
         raise ConfigError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    # A run's own config.yaml carries the batch plan it ran with; the plan is derived (and re-derived
+    # for the current world size), so it is dropped here rather than refused as an unknown key.
+    if isinstance(from_file, DictConfig) and "plan" in from_file:
+        from_file.pop("plan")
     try:
         merged = OmegaConf.merge(schema, from_file)
     except OmegaConfBaseException as exc:
@@ -233,7 +238,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise _one_line(exc, "the command line overrides") from None
+            raise _one_line(exc, "the command line overrides", item.split("=", 1)[0]) from None
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
@@ -257,14 +262,14 @@ def validate(cfg: Config) -> None:
     _require(cfg.batch.global_size > 0, f"batch.global_size={cfg.batch.global_size} must be a positive number of samples")
     micro = cfg.batch.micro_size
     _require(micro is None or micro > 0, f"batch.micro_size={micro} must be a positive number of samples")
-    _require(
-        micro is None or micro <= cfg.batch.global_size,
-        f"batch.micro_size={micro} is larger than batch.global_size={cfg.batch.global_size}; "
-        f"use a micro size of at most {cfg.batch.global_size}",
-    )
+    # micro_size against global_size and the world size is checked by the batch plan (toolkit/batch.py).
     _require(cfg.data.seq_len > 1, f"data.seq_len={cfg.data.seq_len} must be at least 2")
     _require(0 < cfg.data.val_fraction <= 0.5, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5]")
     _require(cfg.data.max_bytes > 0, f"data.max_bytes={cfg.data.max_bytes} must be positive")
+    _require(
+        cfg.data.synthetic_tokens >= 16,
+        f"data.synthetic_tokens={cfg.data.synthetic_tokens} must be at least 16 (it is the synthetic stream's length)",
+    )
     if cfg.data.source == "tokens":
         _require(cfg.data.path is not None, "data.path is required with data.source=tokens (a .bin of uint16 token ids)")
         _require(Path(cfg.data.path).is_file(), f"data.path: file not found: {cfg.data.path}")
@@ -274,13 +279,20 @@ def validate(cfg: Config) -> None:
         )
         _require(cfg.data.pack, "data.pack=false needs document boundaries; use it with data.source=stdlib or synthetic")
     else:
-        _require(cfg.data.path is None, f"data.path is only read with data.source=tokens (data.source={cfg.data.source})")
+        for key in ("path", "val_path"):
+            value = getattr(cfg.data, key)
+            _require(value is None, f"data.{key}={value} is only read with data.source=tokens (data.source={cfg.data.source})")
     _require(0 <= cfg.model.dropout < 1, f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
         value = getattr(cfg.model, name)
         _require(value is None or value > 0, f"model.{name}={value} must be positive")
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
     _require(0 <= cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr={cfg.optim.min_lr} must be in [0, optim.lr]")
+    for key in ("beta1", "beta2"):
+        value = getattr(cfg.optim, key)
+        _require(0 <= value < 1, f"optim.{key}={value} must be in [0, 1)")
+    _require(cfg.optim.eps > 0, f"optim.eps={cfg.optim.eps} must be positive")
+    _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0")
     _require(cfg.optim.warmup_samples >= 0, f"optim.warmup_samples={cfg.optim.warmup_samples} must be >= 0")
     _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 disables clipping)")
     _require(

@@ -75,11 +75,9 @@ def chunked(stream: np.ndarray, doc_bounds: list[tuple[int, int]], seq_len: int)
     width = seq_len + 1
     starts, lengths = [], []
     for begin, end in doc_bounds:
-        for start in range(begin, end - 1, seq_len):
-            length = min(width, end - start)
-            if length >= 2:  # a single token has no target
-                starts.append(start)
-                lengths.append(length)
+        for start in range(begin, end - 1, seq_len):  # end - 1: a chunk needs 2 tokens to have a target
+            starts.append(start)
+            lengths.append(min(width, end - start))
     return Samples(stream, np.array(starts), np.array(lengths), seq_len)
 
 
@@ -157,9 +155,26 @@ def load_synthetic(cfg: Config, vocab_size: int) -> tuple[Samples, Samples]:
     return chunked(stream, train, cfg.data.seq_len), chunked(stream, val, cfg.data.seq_len)
 
 
+def check_token_ids(samples: Samples, vocab_size: int, path: str, prefix: int = 1 << 20) -> None:
+    """Token ids beyond the vocabulary would crash the embedding (a device-side assert on CUDA).
+    Only a fixed prefix is scanned: the same on every rank, and cheap for a file of billions of tokens."""
+    largest = int(np.max(samples.stream[:prefix])) if len(samples.stream) else 0
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"data.path: {path} holds token id {largest}, beyond model.vocab_size={vocab_size}; "
+            f"set model.vocab_size to at least {largest + 1}"
+        )
+
+
 def load_data(cfg: Config, vocab_size: int) -> tuple[Samples, Samples]:
-    loaders = {"stdlib": lambda: load_stdlib(cfg), "tokens": lambda: load_tokens(cfg)}
-    train, val = loaders.get(cfg.data.source, lambda: load_synthetic(cfg, vocab_size))()
+    if cfg.data.source == "stdlib":
+        train, val = load_stdlib(cfg)
+    elif cfg.data.source == "tokens":
+        train, val = load_tokens(cfg)
+        check_token_ids(train, vocab_size, cfg.data.path)
+        check_token_ids(val, vocab_size, cfg.data.val_path or cfg.data.path)
+    else:
+        train, val = load_synthetic(cfg, vocab_size)
     if len(train) < cfg.batch.global_size:
         raise ConfigError(
             f"data: the training split has {len(train)} samples of data.seq_len={cfg.data.seq_len}, fewer than "

@@ -37,5 +37,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     # gradient_accumulation_steps stays 1: the trainer accumulates itself (explicit no_sync and its own
-    # loss normalisation), so Accelerate must not divide the loss a second time.
-    return Accelerator(cpu=on_cpu, mixed_precision=mixed_precision(cfg, on_cpu), gradient_accumulation_steps=1)
+    # loss normalisation), so Accelerate must not divide the loss a second time. Precision and compilation
+    # come from the run config, not from a launch file: the same run config gives the same run anywhere.
+    return Accelerator(
+        cpu=on_cpu,
+        mixed_precision=mixed_precision(cfg, on_cpu),
+        gradient_accumulation_steps=1,
+        dynamo_backend="inductor" if cfg.model.compile else "no",  # compiled after DDP wrapping, in prepare()
+    )

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toolkit.config import Config
+from toolkit.config import Config, ConfigError
 from toolkit.data import IGNORE
 
 PRESETS = {
@@ -42,8 +42,6 @@ class GPTShape:
 
 
 def shape_from_config(cfg: Config) -> GPTShape:
-    from toolkit.config import ConfigError
-
     n_layer, n_head, n_embd = PRESETS[cfg.model.size]
     n_layer = cfg.model.n_layer or n_layer
     n_head = cfg.model.n_head or n_head

@@ -58,9 +58,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
         )
-        if cfg.model.compile:
-            model = torch.compile(model)
+        # prepare() wraps the model in DDP when there are several processes, wraps its forward in autocast
+        # when mixed precision is on, and compiles it when model.compile is set.
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.plain_model = acc.unwrap_model(self.model, keep_torch_compile=False)  # for eval, checks, saving
         self.decay_samples = o.decay_samples or cfg.train.steps * cfg.batch.global_size
 
         self.step = 0  # optimizer steps done; also the sampler's position
@@ -69,7 +70,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.metrics: MetricsLog | None = None
         self.last_val_loss: float | None = None
-        self.train_time_s = 0.0  # wall time spent in train_step, for the mean throughput
+        self.train_time_s = 0.0  # wall time of the training steps (log intervals end at a host sync)
         # Running sums since the last log step, kept on the device so that no step waits for the host.
         self._loss_sum = torch.zeros((), device=acc.device)
         self._valid_since_log = 0
@@ -85,8 +86,10 @@ class Trainer:
 
     def start(self) -> None:
         acc, cfg = self.accelerator, self.cfg
+        # Every rank creates the directory (a no-op where it exists), so an unwritable run.dir fails on all
+        # ranks alike instead of leaving the others waiting for rank 0.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
             print(f"run directory: {self.run_dir}\n{self.plan.table()}\nmodel: {self.n_params:,} parameters, "
                   f"{self.shape}\ndevice: {acc.device} ({acc.distributed_type}), precision: {acc.mixed_precision}",
@@ -102,14 +105,13 @@ class Trainer:
             disable=not (acc.is_main_process and cfg.train.progress and sys.stderr.isatty()),
             dynamic_ncols=True, desc="train",
         )
+        self._log_clock = (time.perf_counter(), self.step)
 
     def run_steps(self, count: int) -> None:
         """``count`` optimizer steps, with logging and periodic validation."""
         cfg = self.cfg
         for _ in range(count):
-            started = time.perf_counter()
             self.train_step()
-            self.train_time_s += time.perf_counter() - started
             self.progress.update(1)
             last = self.step == cfg.train.steps
             if self.step % cfg.train.log_every == 0 or last:
@@ -137,11 +139,12 @@ class Trainer:
             self.micro_step = j
             self.forward_backward(indices, valid_targets, sync=j == len(micro_batches) - 1)
 
-        if cfg.train.debug:
-            self.check_gradients()
-        # With max_norm=inf this only measures the norm (logged as grad_norm); it stays on the device.
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        # The norm stays on the device; it is read back only at log steps.
+        if cfg.optim.grad_clip > 0:
+            self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._valid_since_log += valid_targets
@@ -150,38 +153,43 @@ class Trainer:
     def forward_backward(self, indices: list[int], valid_targets: int, sync: bool) -> None:
         """Forward and backward of one micro-batch; gradients are all-reduced only when ``sync``."""
         acc = self.accelerator
-        x, y = self.train_data.batch(indices)
-        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+        x, y = self.to_device(*self.train_data.batch(indices))
         # DDP decides in forward whether the coming backward all-reduces (no_sync clears
         # require_backward_grad_sync, which forward reads), so the forward must run inside the context.
         with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-            with acc.autocast():
-                loss_sum = self.model(x, y)
+            loss_sum = self.model(x, y)
             if self.cfg.train.debug and not torch.isfinite(loss_sum):
                 raise NonFiniteError(
                     f"non-finite loss ({loss_sum.item()}) at step {self.step + 1}, micro-step {self.micro_step}"
                 )
             acc.backward(loss_sum * (self.world_size / valid_targets))
+        if self.cfg.train.debug:
+            self.check_gradients()  # after every micro-step, so the message names the one that broke
         self._loss_sum += loss_sum.detach().float()
 
+    def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Host to device; pinned on CUDA so that the copy is asynchronous and the host runs ahead."""
+        if self.accelerator.device.type == "cuda":
+            return [t.pin_memory().to(self.accelerator.device, non_blocking=True) for t in tensors]
+        return [t.to(self.accelerator.device) for t in tensors]
+
     def check_gradients(self) -> None:
-        """Debug mode: the first parameter whose (accumulated) gradient is not finite stops the run."""
-        for name, p in self.accelerator.unwrap_model(self.model).named_parameters():
+        """Debug mode: the first parameter whose gradient is not finite stops the run."""
+        for name, p in self.plain_model.named_parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 raise NonFiniteError(
-                    f"non-finite gradient in parameter '{name}' at step {self.step + 1} "
-                    f"(after micro-step {self.micro_step})"
+                    f"non-finite gradient in parameter '{name}' at step {self.step + 1}, micro-step {self.micro_step}"
                 )
 
     # ----------------------------------------------------------------------------------------- logs
     def log_train(self) -> None:
         """Read the running sums back from the device (the only host sync of the loop) and log them."""
         acc, plan = self.accelerator, self.plan
-        loss_sum = acc.reduce(self._loss_sum.clone(), reduction="sum").item()
+        loss_sum = acc.reduce(self._loss_sum, reduction="sum").item()  # .item() waits for the device
         loss = loss_sum / max(self._valid_since_log, 1)
-        now, step_then = time.perf_counter(), self._log_clock[1]
-        elapsed = now - self._log_clock[0]
-        steps = self.step - step_then
+        elapsed = time.perf_counter() - self._log_clock[0]
+        steps = self.step - self._log_clock[1]
+        self.train_time_s += elapsed
         tokens_per_s = steps * plan.tokens_per_step / elapsed if elapsed > 0 else 0.0
         record = {
             "step": self.step,
@@ -206,15 +214,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted loss over ``train.val_batches`` fixed global batches of the validation split."""
-        acc, model = self.accelerator, self.accelerator.unwrap_model(self.model)
+        acc, model = self.accelerator, self.plain_model
         model.eval()
         loss_sum, valid = torch.zeros((), device=acc.device), 0
         for global_batch in validation_batches(self.val_data, self.plan, self.cfg.train.val_batches):
             valid += self.val_data.valid_targets(global_batch)
             for indices in rank_micro_batches(global_batch, self.plan, self.rank):
-                x, y = self.val_data.batch(indices)
-                with acc.autocast():
-                    loss_sum += model(x.to(acc.device), y.to(acc.device)).float()
+                loss_sum += model(*self.to_device(*self.val_data.batch(indices))).float()
         model.train()
         return acc.reduce(loss_sum, reduction="sum").item() / valid
 
@@ -265,9 +271,7 @@ class Trainer:
 
     def save_final_weights(self) -> None:
         """A plain state dict in safetensors; tied weights are stored as separate copies."""
-        model = self.accelerator.unwrap_model(self.model)
-        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.plain_model.state_dict().items()}
         final = self.run_dir / "final"
         final.mkdir(exist_ok=True)
         tmp = final / "model.safetensors.tmp"
