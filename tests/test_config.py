@@ -250,3 +250,32 @@ def test_toolkit_plan_table_and_errors():
     # tiny.yaml's micro size 8 on 8 processes needs a global batch of 64.
     result = toolkit_plan("--world-size", "8", "--json")
     assert_one_error_line(result, "valid global sizes nearby: 64", "1, 2, 4")
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["optim.beta1=1.5"], "optim.beta1"),
+    (["optim.beta2=-0.1"], "optim.beta2"),
+    (["optim.eps=0"], "optim.eps"),
+    (["optim.weight_decay=-1"], "optim.weight_decay"),
+    (["data.synthetic_tokens=-5"], "data.synthetic_tokens"),
+    (["data.val_path=/x.bin"], "data.val_path"),
+    (["batch=3"], "'batch'"),
+])
+def test_values_that_would_fail_later_are_refused_up_front(overrides, needle):
+    """Values AdamW or numpy would reject with a traceback get the one-line error instead."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_runs_config_yaml_loads_back(tmp_path):
+    """config.yaml holds the resolved config plus the derived plan; it is a valid --config again."""
+    from toolkit.batch import make_plan
+    from toolkit.config import to_yaml
+
+    cfg = load_config(None, ["batch.global_size=16", "train.steps=7"])
+    plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, 2, cfg.data.seq_len)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg, {"plan": plan.as_dict()}))
+    again = load_config(saved)
+    assert again == cfg

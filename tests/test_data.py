@@ -300,3 +300,13 @@ def test_lr_is_counted_in_samples_whatever_the_split():
         assert len(values) == 1
     # Schedules stated in samples: doubling the global batch halves the steps to the same lr.
     assert lr_at(20 * 32, peak, low, warm, decay) == lr_at(10 * 64, peak, low, warm, decay)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    path = tmp_path / "big_ids.bin"
+    write_tokens(path, np.arange(3000) % 300)  # ids up to 299
+    cfg = load_config(None, ["data.source=tokens", f"data.path={path}", "data.seq_len=16", "batch.global_size=8"])
+    with pytest.raises(ConfigError, match=r"token id 299, beyond model.vocab_size=256.*at least 300"):
+        load_data(cfg, vocab_size=256)
+    train, _ = load_data(cfg, vocab_size=300)
+    assert len(train) > 0

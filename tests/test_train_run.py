@@ -290,3 +290,28 @@ def test_lr_follows_samples_whatever_the_split(tmp_path, clean_state):
     assert reference == {s: lr_at(s, 3e-3, 3e-4, 24, 64) for s in range(8, 49, 8)}
     assert lrs[(8, 4)] == reference and lrs[(8, 8)] == reference
     assert lrs[(16, 4)] == {s: reference[s] for s in (16, 32, 48)}
+
+
+def test_nan_gradient_names_the_micro_step_that_made_it(tmp_path, clean_state):
+    """Debug mode checks after every micro-step: a NaN made by the second backward names micro-step 1."""
+    from toolkit.trainer import NonFiniteError
+
+    trainer = make_trainer(tmp_path, "batch.global_size=8", "batch.micro_size=2", debug=True)
+    assert trainer.plan.accumulation == 4
+    calls = []
+
+    def nan_on_second_backward(grad):
+        calls.append(trainer.micro_step)
+        return grad * float("nan") if len(calls) == 2 else grad
+
+    trainer.plain_model.get_parameter("blocks.0.mlp.2.weight").register_hook(nan_on_second_backward)
+    trainer.start()
+    try:
+        with pytest.raises(NonFiniteError) as info:
+            trainer.run_steps(1)
+    finally:
+        close(trainer)
+    message = str(info.value)
+    print(message)
+    assert calls == [0, 1]  # stopped right after the micro-step that made the NaN
+    assert "'blocks.0.mlp.2.weight'" in message and "step 1, micro-step 1" in message

@@ -94,7 +94,7 @@ class Trainer:
             print(f"run directory: {self.run_dir}\n{self.plan.table()}\nmodel: {self.n_params:,} parameters, "
                   f"{self.shape}\ndevice: {acc.device} ({acc.distributed_type}), precision: {acc.mixed_precision}",
                   flush=True)
-        acc.wait_for_everyone()  # the run directory exists before any rank writes into it
+        acc.wait_for_everyone()  # config.yaml is written before any rank starts training
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process)
         self._samples_file = (
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
