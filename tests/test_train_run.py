@@ -236,22 +236,27 @@ def close(trainer) -> None:
     trainer.metrics.close()
 
 
-def test_nan_gradient_names_the_parameter(tmp_path, clean_state):
+def first_step_error(trainer) -> str:
+    """Run one optimizer step that must stop with NonFiniteError; return its message."""
     from toolkit.trainer import NonFiniteError
 
-    trainer = make_trainer(tmp_path, debug=True)
-    assert torch.are_deterministic_algorithms_enabled()
-    name = "blocks.1.mlp.0.weight"
-    param = trainer.accelerator.unwrap_model(trainer.model).get_parameter(name)
-    param.register_hook(lambda g: g * float("nan"))
     trainer.start()
     try:
         with pytest.raises(NonFiniteError) as info:
             trainer.run_steps(1)
     finally:
         close(trainer)
-    message = str(info.value)
-    print(message)
+    print(info.value)
+    return str(info.value)
+
+
+def test_nan_gradient_names_the_parameter(tmp_path, clean_state):
+    trainer = make_trainer(tmp_path, debug=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    name = "blocks.1.mlp.0.weight"
+    param = trainer.accelerator.unwrap_model(trainer.model).get_parameter(name)
+    param.register_hook(lambda g: g * float("nan"))
+    message = first_step_error(trainer)
     assert f"'{name}'" in message and "step 1" in message and "micro-step" in message
     assert trainer.step == 0  # the optimizer step never ran
 
@@ -294,8 +299,6 @@ def test_lr_follows_samples_whatever_the_split(tmp_path, clean_state):
 
 def test_nan_gradient_names_the_micro_step_that_made_it(tmp_path, clean_state):
     """Debug mode checks after every micro-step: a NaN made by the second backward names micro-step 1."""
-    from toolkit.trainer import NonFiniteError
-
     trainer = make_trainer(tmp_path, "batch.global_size=8", "batch.micro_size=2", debug=True)
     assert trainer.plan.accumulation == 4
     calls = []
@@ -305,13 +308,6 @@ def test_nan_gradient_names_the_micro_step_that_made_it(tmp_path, clean_state):
         return grad * float("nan") if len(calls) == 2 else grad
 
     trainer.plain_model.get_parameter("blocks.0.mlp.2.weight").register_hook(nan_on_second_backward)
-    trainer.start()
-    try:
-        with pytest.raises(NonFiniteError) as info:
-            trainer.run_steps(1)
-    finally:
-        close(trainer)
-    message = str(info.value)
-    print(message)
+    message = first_step_error(trainer)
     assert calls == [0, 1]  # stopped right after the micro-step that made the NaN
     assert "'blocks.0.mlp.2.weight'" in message and "step 1, micro-step 1" in message
