@@ -165,6 +165,20 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    """Optimizer steps between checkpoints; 0 writes one only at the end. The end of a run always writes one."""
+
+    keep: int = 2
+    """How many of the newest checkpoints to keep in ``run.dir/checkpoints``."""
+
+    resume: str = "auto"
+    """``auto``: continue from the newest valid checkpoint of run.dir, if any. ``never``: start fresh (refused
+    when run.dir already has checkpoints, so nothing is overwritten by mistake). A path: resume from
+    that checkpoint folder."""
+
+
+@dataclass
 class Config:
     seed: int = 1337
     """Seeds model initialisation and the data order (together with the epoch)."""
@@ -175,6 +189,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -286,6 +301,13 @@ def validate(cfg: Config) -> None:
     for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
         value = getattr(cfg.model, name)
         _require(value is None or value > 0, f"model.{name}={value} must be positive")
+    _require(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be >= 0")
+    _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
+    resume = cfg.checkpoint.resume
+    _require(
+        resume in ("auto", "never") or Path(resume).is_dir(),
+        f"checkpoint.resume={resume!r}: choose auto, never, or the path of a checkpoint folder (step-NNNNNNNN)",
+    )
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
     _require(0 <= cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr={cfg.optim.min_lr} must be in [0, optim.lr]")
     for key in ("beta1", "beta2"):

@@ -18,14 +18,39 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-class MetricsLog:
-    """One JSON object per logged step, appended and flushed at once (readable while the run goes on)."""
+def cut_after_step(path: Path, step: int) -> None:
+    """Truncate ``path`` just before its first record of a step after ``step`` (or a torn last line).
 
-    def __init__(self, path: Path, enabled: bool):
+    A run killed after its last checkpoint logged steps that the resumed run will log again; cutting
+    them keeps every step once. The bytes before the cut are never rewritten.
+    """
+    offset = 0
+    with open(path, "rb+") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] > step:
+                    break
+            except (ValueError, KeyError):  # a line torn by the kill
+                break
+            offset += len(line)
+        f.truncate(offset)
+
+
+class MetricsLog:
+    """One JSON object per logged step, appended and flushed at once (readable while the run goes on).
+
+    A fresh run starts the file anew; a resumed run appends after the records up to its checkpoint."""
+
+    def __init__(self, path: Path, enabled: bool, resumed_step: int | None = None):
         self.path, self.enabled = path, enabled
         self.history: list[dict] = []
         if enabled:
-            self._file = open(path, "w")
+            if resumed_step is not None and path.exists():
+                cut_after_step(path, resumed_step)
+                self.history = [json.loads(line) for line in path.read_text().splitlines()]
+                self._file = open(path, "a")
+            else:
+                self._file = open(path, "w")
 
     def log(self, record: dict) -> None:
         self.history.append(record)

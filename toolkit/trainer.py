@@ -21,13 +21,15 @@ import contextlib
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from toolkit import checkpoint
 from toolkit.batch import BatchPlan, make_plan
-from toolkit.config import Config, to_yaml
+from toolkit.config import Config, ConfigError, to_yaml
 from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches, validation_batches
 from toolkit.engine import build_accelerator
 from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups
@@ -68,6 +70,7 @@ class Trainer:
         self.lr = 0.0
         self.micro_step = 0  # micro-step within the current optimizer step (read by tests' hooks)
         self.run_dir = cfg.run_dir
+        self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics: MetricsLog | None = None
         self.last_val_loss: float | None = None
         self.train_time_s = 0.0  # wall time of the training steps (log intervals end at a host sync)
@@ -89,16 +92,20 @@ class Trainer:
         # Every rank creates the directory (a no-op where it exists), so an unwritable run.dir fails on all
         # ranks alike instead of leaving the others waiting for rank 0.
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
             print(f"run directory: {self.run_dir}\n{self.plan.table()}\nmodel: {self.n_params:,} parameters, "
                   f"{self.shape}\ndevice: {acc.device} ({acc.distributed_type}), precision: {acc.mixed_precision}",
                   flush=True)
         acc.wait_for_everyone()  # config.yaml is written before any rank starts training
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process)
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", enabled=acc.is_main_process, resumed_step=self.step if resumed else None
+        )
         self._samples_file = (
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
         )
+        self.first_step = self.step  # where this process started (after a resume, the checkpoint's step)
         self.progress = tqdm(
             total=cfg.train.steps, initial=self.step,
             # A bar redrawn with carriage returns is noise in a log file: only on a terminal.
@@ -118,6 +125,77 @@ class Trainer:
                 self.log_train()
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and not last:
                 self.log_validation()
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not last:
+                self.save_checkpoint()
+
+    def _pause_clock(self, started: float) -> None:
+        """Move the throughput clock past work that is not training (validation, checkpoints)."""
+        self._log_clock = (self._log_clock[0] + time.perf_counter() - started, self._log_clock[1])
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def resume(self) -> bool:
+        """Restore model, optimizer, step and RNG from a checkpoint, as ``checkpoint.resume`` says.
+
+        The world size may differ from the checkpoint's: the plan is re-derived for this run and the step
+        number fixes the data order and the LR, so the run continues unchanged. A rank that the checkpoint
+        has no RNG state for (more ranks than before) keeps its seeded generator and says so; the built-in
+        loop draws no random numbers (dropout 0), so this changes nothing unless model.dropout > 0.
+        """
+        acc, cfg = self.accelerator, self.cfg.checkpoint
+        if cfg.resume == "never":
+            if checkpoint.list_checkpoints(self.checkpoint_root):
+                raise ConfigError(
+                    f"checkpoint.resume=never but {self.checkpoint_root} holds checkpoints; use checkpoint.resume=auto "
+                    f"to continue that run, or another run.dir"
+                )
+            return False
+        if cfg.resume == "auto":
+            folder = checkpoint.newest_valid(self.checkpoint_root, warn=self.main_print)
+            if folder is None:
+                return False
+        else:
+            folder = Path(cfg.resume)
+        try:
+            model_state, optimizer_state, rng, state = checkpoint.load(folder, self.rank)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"checkpoint.resume: {exc}") from None
+        if state.plan["global_size"] != self.plan.global_size:
+            raise ConfigError(
+                f"batch.global_size={self.plan.global_size} but checkpoint {folder} was trained with "
+                f"{state.plan['global_size']}; the global batch cannot change within a run"
+            )
+        self.plain_model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step = state.step
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        else:
+            print(f"note: rank {self.rank} has no RNG state in {folder} (it had {state.plan['world_size']} ranks); "
+                  f"keeping the seeded generator", flush=True)
+        self.main_print(
+            f"resumed from {folder} at step {self.step} (written with {state.plan['world_size']} processes, "
+            f"now {self.world_size}: accumulation {state.plan['accumulation']} -> {self.plan.accumulation})"
+        )
+        acc.wait_for_everyone()
+        return True
+
+    def save_checkpoint(self) -> None:
+        started, acc, main = time.perf_counter(), self.accelerator, self.accelerator.is_main_process
+        checkpoint.save(
+            self.checkpoint_root, self.step,
+            model_state=self.plain_model.state_dict() if main else None,
+            optimizer_state=self.optimizer.state_dict() if main else None,
+            rng_state=checkpoint.rng_state(),
+            state=checkpoint.TrainingState(self.step, self.step * self.plan.global_size, self.plan.as_dict()),
+            rank=self.rank, barrier=acc.wait_for_everyone,
+        )
+        if main:
+            checkpoint.prune(self.checkpoint_root, self.cfg.checkpoint.keep)
+        self._pause_clock(started)
+
+    def main_print(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(message, flush=True)
 
     # ----------------------------------------------------------------------------------------- step
     def train_step(self) -> None:
@@ -209,7 +287,7 @@ class Trainer:
             )
         self._loss_sum.zero_()
         self._valid_since_log = 0
-        self._log_clock = (time.perf_counter(), self.step)  # validation time is not training time
+        self._log_clock = (time.perf_counter(), self.step)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -225,17 +303,19 @@ class Trainer:
         return acc.reduce(loss_sum, reduction="sum").item() / valid
 
     def log_validation(self) -> None:
+        started = time.perf_counter()
         self.last_val_loss = self.evaluate()
         self.metrics.log({"step": self.step, "samples": self.step * self.plan.global_size, "val_loss": self.last_val_loss})
         if self.accelerator.is_main_process:
             self.progress.write(f"step {self.step:>6}  val_loss {self.last_val_loss:.4f}")
-        self._log_clock = (time.perf_counter(), self.step)
+        self._pause_clock(started)
 
     # ----------------------------------------------------------------------------------------- end
     def finish(self) -> dict:
         """Final validation, weights and summary; then a clean shutdown of the process group."""
         acc, plan = self.accelerator, self.plan
         self.log_validation()
+        self.save_checkpoint()
         self.progress.close()
         if self._samples_file:
             self._samples_file.close()
@@ -251,7 +331,9 @@ class Trainer:
             "micro_size": plan.micro_size,
             "accumulation": plan.accumulation,
             "global_size": plan.global_size,
-            "tokens_per_s": self.step * plan.tokens_per_step / self.train_time_s if self.train_time_s else 0.0,
+            # Throughput of the steps this process ran (a resumed run did not time the earlier ones).
+            "tokens_per_s": (self.step - self.first_step) * plan.tokens_per_step / self.train_time_s
+            if self.train_time_s else 0.0,
             "train_time_s": self.train_time_s,
             "n_params": self.n_params,
             "flops_per_token": self.flops_per_token,

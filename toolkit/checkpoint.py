@@ -1,0 +1,197 @@
+"""Checkpoints: written atomically, verified by a manifest, loaded without executing pickles.
+
+Layout of one checkpoint, ``<run.dir>/checkpoints/step-NNNNNNNN/``:
+
+* ``model.safetensors``: the plain model state dict (tied weights stored as copies);
+* ``optimizer.pt``: the optimizer state dict (tensors, numbers, lists and dicts only);
+* ``rng-rank<R>.pt``: each rank's torch RNG states;
+* ``state.json``: step, samples, the batch plan it was written with;
+* ``manifest.json``, written last: size and SHA-256 of every other file.
+
+The folder is assembled under a temporary name, every file is flushed to disk, and then it is renamed
+into place, so a checkpoint either exists whole or not at all. A checkpoint is valid only when its
+manifest verifies; loading uses ``torch.load(weights_only=True)`` and safetensors, so a file that
+would run code when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupted or unsafe to load."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    """Record size and checksum of every file in ``folder`` (written last, flushed)."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"files": files}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError unless every file the manifest names is there with its size and checksum."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: checksum does not match the manifest")
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Checkpoint folders under ``root`` as (step, path), newest first (temporary folders ignored)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def newest_valid(root: Path, warn=print) -> Path | None:
+    """The newest checkpoint whose manifest verifies; each newer invalid one is reported in one line."""
+    for _, path in list_checkpoints(root):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            warn(f"warning: skipping invalid checkpoint: {exc}")
+    return None
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores besides the model and optimizer tensors."""
+
+    step: int
+    """Optimizer steps done; also the sampler's position."""
+    samples: int
+    """Samples consumed (step x global size)."""
+    plan: dict
+    """The batch plan the checkpoint was written with (the world size may differ on resume)."""
+
+
+def save(
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor] | None,
+    optimizer_state: dict | None,
+    rng_state: dict[str, torch.Tensor],
+    state: TrainingState | None,
+    rank: int,
+    barrier,
+) -> Path:
+    """Write a checkpoint collectively. Rank 0 writes the model, optimizer and state; every rank writes
+    its RNG state; rank 0 then writes the manifest and renames the folder into place.
+
+    ``barrier()`` must synchronise all ranks (``accelerator.wait_for_everyone``).
+    """
+    final = step_dir(root, step)
+    tmp = root / f".tmp-step-{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state, tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
+                  str(tmp / "model.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2))
+    barrier()
+    if rank == 0:
+        for path in tmp.iterdir():  # flush every file before the manifest vouches for them
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        write_manifest(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (rank 0 only)."""
+    for _, path in list_checkpoints(root)[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an UnpicklingError names the forbidden global; keep its first line
+        raise CheckpointError(f"{path}: refused to load ({str(exc).splitlines()[0]})") from None
+
+
+def load(folder: Path, rank: int) -> tuple[dict, dict, dict | None, TrainingState]:
+    """Verify and read a checkpoint: model state, optimizer state, this rank's RNG (None if the checkpoint
+    had fewer ranks), training state."""
+    verify(folder)
+    model_state = load_file(str(folder / "model.safetensors"))
+    optimizer_state = _torch_load(folder / "optimizer.pt")
+    rng_path = folder / f"rng-rank{rank}.pt"
+    rng_state = _torch_load(rng_path) if rng_path.is_file() else None
+    state = TrainingState(**json.loads((folder / "state.json").read_text()))
+    return model_state, optimizer_state, rng_state, state
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
