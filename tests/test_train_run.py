@@ -74,7 +74,9 @@ def check_default_run(job: dict) -> None:
     run_dir, processes = job["dir"], job["processes"]
     assert job["wall"] < ACCEPT_TIMEOUT
     assert "Traceback" not in job["stderr"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "final", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints", "config.yaml", "final", "metrics.jsonl", "summary.json"]
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-00000200", "step-00000300"]
     assert "global batch (samples)" in job["stdout"] and "done: 300 steps" in job["stdout"]
 
     # config.yaml: the resolved config with the batch plan.

@@ -314,8 +314,15 @@ class Trainer:
     def finish(self) -> dict:
         """Final validation, weights and summary; then a clean shutdown of the process group."""
         acc, plan = self.accelerator, self.plan
-        self.log_validation()
-        self.save_checkpoint()
+        # A run resumed from its own final checkpoint (killed while writing final/ or the summary, or
+        # simply started again) ran no step: its final validation and checkpoint are already there.
+        logged = [r["val_loss"] for r in self.metrics.history if r["step"] == self.step and "val_loss" in r]
+        if logged:
+            self.last_val_loss = logged[-1]
+        else:
+            self.log_validation()
+        if self.step > self.first_step or not logged:
+            self.save_checkpoint()
         self.progress.close()
         if self._samples_file:
             self._samples_file.close()

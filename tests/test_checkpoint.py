@@ -1,0 +1,151 @@
+"""Checkpoints: atomic layout, manifest verification, fallback past a corrupted one, no pickle execution,
+and metrics.jsonl cut (not rewritten) on resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_jsonl, train
+from safetensors.torch import load_file
+
+from toolkit import checkpoint
+from toolkit.tracking import MetricsLog, cut_after_step
+
+SMALL = ["model.size=nano", "model.vocab_size=256", "data.source=synthetic", "data.synthetic_tokens=20000",
+         "data.seq_len=32", "batch.global_size=8", "batch.micro_size=4", "train.log_every=5",
+         "train.val_every=0", "train.val_batches=1", "train.progress=false", "checkpoint.every_steps=5",
+         "checkpoint.keep=3"]
+
+
+def no_barrier() -> None:
+    pass
+
+
+def write_one(root: Path, step: int) -> Path:
+    return checkpoint.save(
+        root, step, model_state={"w": torch.arange(6.0).reshape(2, 3) * step},
+        optimizer_state={"state": {0: {"step": torch.tensor(float(step))}}, "param_groups": [{"lr": 0.1}]},
+        rng_state=checkpoint.rng_state(), state=checkpoint.TrainingState(step, step * 8, {"global_size": 8}),
+        rank=0, barrier=no_barrier,
+    )
+
+
+def test_save_writes_a_verified_folder_and_loads_back(tmp_path):
+    folder = write_one(tmp_path, 7)
+    assert folder.name == "step-00000007"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json", "model.safetensors", "optimizer.pt", "rng-rank0.pt", "state.json"]
+    assert not list(tmp_path.glob(".tmp-*"))  # the temporary folder was renamed into place
+    checkpoint.verify(folder)
+    model, optim, rng, state = checkpoint.load(folder, rank=0)
+    assert torch.equal(model["w"], torch.arange(6.0).reshape(2, 3) * 7)
+    assert optim["state"][0]["step"].item() == 7.0 and state.step == 7 and state.samples == 56
+    assert torch.equal(rng["torch"], torch.get_rng_state())
+    assert checkpoint.load(folder, rank=1)[2] is None  # a rank the checkpoint did not have
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no-manifest"])
+def test_verify_catches_damage_and_newest_valid_falls_back(tmp_path, damage):
+    write_one(tmp_path, 5)
+    newest = write_one(tmp_path, 10)
+    target = newest / "model.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-10])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (newest / "manifest.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.verify(newest)
+    warnings: list[str] = []
+    assert checkpoint.newest_valid(tmp_path, warn=warnings.append) == tmp_path / "step-00000005"
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "step-00000010" in warnings[0]
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    folder = write_one(tmp_path, 3)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": Exploit()}, folder / "optimizer.pt")  # the zip format torch.save writes
+    checkpoint.write_manifest(folder)  # an attacker can write a matching manifest too
+    with pytest.raises(checkpoint.CheckpointError, match="refused to load"):
+        checkpoint.load(folder, rank=0)
+    assert not marker.exists()
+
+
+def test_list_ignores_temporary_folders_and_prune_keeps_the_newest(tmp_path):
+    for step in (2, 4, 6, 8):
+        write_one(tmp_path, step)
+    (tmp_path / ".tmp-step-00000010").mkdir()  # a write killed half-way
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [8, 6, 4, 2]
+    checkpoint.prune(tmp_path, keep=2)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [8, 6]
+
+
+def test_metrics_are_cut_after_the_checkpoint_step_not_rewritten(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (5, 10, 15, 20)]
+    path.write_text("".join(lines) + '{"step": 25, "lo')  # torn by a kill
+    cut_after_step(path, 10)
+    assert path.read_text() == "".join(lines[:2])
+    log = MetricsLog(path, enabled=True, resumed_step=10)
+    log.log({"step": 15, "loss": 0.5})
+    log.close()
+    assert [r["step"] for r in read_jsonl(path)] == [5, 10, 15]
+    assert [r["step"] for r in log.history] == [5, 10, 15]
+
+
+def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
+    """End to end: truncate the newest checkpoint of a finished run; resume falls back with one warning
+    line and finishes with the same weights as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    train([*SMALL, "train.steps=15", f"run.dir={run_dir}"])
+    reference = load_file(str(run_dir / "final" / "model.safetensors"))
+    newest = run_dir / "checkpoints" / "step-00000015"
+    (newest / "optimizer.pt").write_bytes((newest / "optimizer.pt").read_bytes()[:100])
+    result = train([*SMALL, "train.steps=15", f"run.dir={run_dir}"])
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step-00000015" in warnings[0]
+    assert "resumed from" in result.stdout and "step-00000010 at step 10" in result.stdout
+    resumed = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    train_steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert train_steps == [5, 10, 15]
+
+
+def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    train([*SMALL, "train.steps=5", f"run.dir={run_dir}"])
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    result = train([*SMALL, "train.steps=5", f"run.dir={run_dir}", "checkpoint.resume=never"], check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: checkpoint.resume=never"), result.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_from_an_explicit_path_and_a_changed_global_batch_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    train([*SMALL, "train.steps=10", f"run.dir={run_dir}"])
+    folder = run_dir / "checkpoints" / "step-00000005"
+    other = tmp_path / "other"
+    result = train([*SMALL, "train.steps=10", f"run.dir={other}", f"checkpoint.resume={folder}"])
+    assert f"resumed from {folder} at step 5" in result.stdout
+    a = load_file(str(run_dir / "final" / "model.safetensors"))
+    b = load_file(str(other / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = train([*SMALL, "train.steps=10", "batch.global_size=16", f"run.dir={tmp_path / 'x'}",
+                 f"checkpoint.resume={folder}"], check=False)
+    assert bad.returncode == 2 and "cannot change within a run" in bad.stderr
