@@ -116,6 +116,8 @@ class TrainingState:
     """Samples consumed (step x global size)."""
     plan: dict
     """The batch plan the checkpoint was written with (the world size may differ on resume)."""
+    skipped_steps: int = 0
+    """Steps dropped so far for a non-finite gradient."""
 
 
 def save(

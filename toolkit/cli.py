@@ -13,6 +13,8 @@ from toolkit.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75
+"""SIGTERM/SIGUSR1: stopped after a step with a checkpoint; run the same command again (EX_TEMPFAIL)."""
 BENCH_PARITY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-parity.yaml"
 DEBUG_STEPS = 20
 """Debug mode runs at most this many steps unless train.steps is given on the command line."""
@@ -41,12 +43,15 @@ def train_main(argv: list[str]) -> int:
         # The plan is checked against the launcher's world size before any process group exists, and the
         # trainer is imported only then, so that a bad config fails in a fraction of a second.
         make_plan(cfg.batch.global_size, cfg.batch.micro_size, int(os.environ.get("WORLD_SIZE", "1")))
-        from toolkit.trainer import NonFiniteError, Trainer
+        from toolkit.trainer import NonFiniteError, Preempted, Trainer
 
         try:
             Trainer(cfg).train()
         except NonFiniteError as exc:
             return _error(str(exc), EXIT_NONFINITE)
+        except Preempted as exc:
+            print(f"stopped: {exc}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     except ConfigError as exc:
         return _error(str(exc), EXIT_CONFIG)
     return 0

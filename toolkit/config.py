@@ -159,6 +159,14 @@ class TrainConfig:
     """Single-device debug mode: one process, deterministic algorithms, every loss and gradient checked
     for NaN/Inf (stops at the first with step, micro-step and parameter). Set by ``train.py --debug``."""
 
+    on_nonfinite: str = "skip"
+    """What a step whose gradient norm is NaN/Inf does: ``skip`` drops the whole step on every rank (no
+    optimizer update; counted and logged as skipped_steps), ``stop`` exits with code 3 naming the step.
+    The gradient is all-reduced before the check, so every rank sees the same value and decides alike."""
+
+    max_skipped: int = 5
+    """With on_nonfinite=skip: stop (exit 3) after this many skipped steps in a row."""
+
     progress: bool = True
     """Show a tqdm progress bar on the main process when stderr is a terminal (log lines are printed
     either way)."""
@@ -201,6 +209,7 @@ CHOICES = {
     "model.size": ("nano", "tiny", "small", "gpt2-small"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.on_nonfinite": ("skip", "stop"),
 }
 
 
@@ -273,6 +282,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.steps > 0, f"train.steps={cfg.train.steps} must be a positive number of optimizer steps")
     _require(cfg.train.log_every > 0, f"train.log_every={cfg.train.log_every} must be >= 1")
     _require(cfg.train.val_every >= 0, f"train.val_every={cfg.train.val_every} must be >= 0 (0: only at the end)")
+    _require(cfg.train.max_skipped >= 1, f"train.max_skipped={cfg.train.max_skipped} must be >= 1")
     _require(cfg.train.val_batches > 0, f"train.val_batches={cfg.train.val_batches} must be >= 1")
     _require(cfg.batch.global_size > 0, f"batch.global_size={cfg.batch.global_size} must be a positive number of samples")
     micro = cfg.batch.micro_size

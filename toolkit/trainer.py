@@ -18,6 +18,7 @@ The math that must not depend on the hardware:
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -38,7 +39,19 @@ from toolkit.tracking import MetricsLog, write_json_atomic
 
 
 class NonFiniteError(RuntimeError):
-    """A NaN or Inf in debug mode, naming the step, micro-step and (for gradients) the parameter."""
+    """A NaN or Inf that stops the run, naming the step (and in debug mode the micro-step and parameter)."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 reached a rank: all ranks stopped after the same step and wrote a checkpoint."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"preempted by {signal_name}: stopped after step {step} with a checkpoint; "
+                         f"run the same command again to continue")
+        self.step = step
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Trainer:
@@ -79,12 +92,20 @@ class Trainer:
         self._valid_since_log = 0
         self._grad_norm = torch.zeros((), device=acc.device)
         self._log_clock = (time.perf_counter(), 0)
+        self.skipped_steps = 0  # steps dropped for a non-finite gradient, in total
+        self._skipped_in_row = 0
+        self._stop_signal: int | None = None
+        self._flag_group = None
 
     # ----------------------------------------------------------------------------------------- run
     def train(self) -> dict:
         """The whole run: write the config, train ``train.steps`` steps, validate, save, summarise."""
         self.start()
-        self.run_steps(self.cfg.train.steps - self.step)
+        try:
+            self.run_steps(self.cfg.train.steps - self.step)
+        except (Preempted, NonFiniteError):
+            self.close()
+            raise
         return self.finish()
 
     def start(self) -> None:
@@ -105,6 +126,8 @@ class Trainer:
         self._samples_file = (
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
         )
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, self._on_signal)
         self.first_step = self.step  # where this process started (after a resume, the checkpoint's step)
         self.progress = tqdm(
             total=cfg.train.steps, initial=self.step,
@@ -125,8 +148,31 @@ class Trainer:
                 self.log_train()
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and not last:
                 self.log_validation()
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not last:
+            saved = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not last
+            if saved:
                 self.save_checkpoint()
+            if self.stop_agreed() and not last:
+                if not saved:
+                    self.save_checkpoint()
+                raise Preempted(self.step, signal.Signals(self._stop_signal or signal.SIGTERM).name)
+
+    # ----------------------------------------------------------------------------------------- preemption
+    def _on_signal(self, signum, frame) -> None:
+        """Only note the signal: the step in flight finishes, then all ranks agree to stop together."""
+        self._stop_signal = signum
+
+    def stop_agreed(self) -> bool:
+        """True on every rank if a preemption signal reached any rank. A one-number all-reduce per step
+        on a gloo group (the CPU), so that it never waits for the GPU."""
+        flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)])
+        if self.world_size > 1:
+            if self._flag_group is None:
+                gloo = torch.distributed.get_backend() == "gloo"
+                self._flag_group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())  # another rank's signal
+        return bool(flag.item())
 
     def _pause_clock(self, started: float) -> None:
         """Move the throughput clock past work that is not training (validation, checkpoints)."""
@@ -167,6 +213,7 @@ class Trainer:
         self.plain_model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.step = state.step
+        self.skipped_steps = state.skipped_steps
         if rng is not None:
             checkpoint.set_rng_state(rng)
         else:
@@ -181,12 +228,17 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         started, acc, main = time.perf_counter(), self.accelerator, self.accelerator.is_main_process
+        # Parameters are identical on every rank (DDP), so every rank reaches the same verdict.
+        if not all(torch.isfinite(p).all() for p in self.plain_model.parameters()):
+            raise NonFiniteError(f"non-finite weights at step {self.step}: not writing a checkpoint")
         checkpoint.save(
             self.checkpoint_root, self.step,
             model_state=self.plain_model.state_dict() if main else None,
             optimizer_state=self.optimizer.state_dict() if main else None,
             rng_state=checkpoint.rng_state(),
-            state=checkpoint.TrainingState(self.step, self.step * self.plan.global_size, self.plan.as_dict()),
+            state=checkpoint.TrainingState(
+                self.step, self.step * self.plan.global_size, self.plan.as_dict(), self.skipped_steps
+            ),
             rank=self.rank, barrier=acc.wait_for_everyone,
         )
         if main:
@@ -213,23 +265,47 @@ class Trainer:
             group["lr"] = lr
         self.lr = lr
 
+        step_loss = torch.zeros((), device=self.accelerator.device)
         for j, indices in enumerate(micro_batches):
             self.micro_step = j
-            self.forward_backward(indices, valid_targets, sync=j == len(micro_batches) - 1)
+            step_loss += self.forward_backward(indices, valid_targets, sync=j == len(micro_batches) - 1)
 
-        # The norm stays on the device; it is read back only at log steps.
         if cfg.optim.grad_clip > 0:
-            self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         else:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self._grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        self.optimizer.step()
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        # The gradient was all-reduced, so its norm is the same on every rank and they all decide alike.
+        # This is the loop's one host sync per step (AMP's GradScaler makes the same check the same way).
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self._grad_norm = grad_norm
+            self._skipped_in_row = 0
+            self._loss_sum += step_loss
+            self._valid_since_log += valid_targets
+        else:
+            self._grad_norm = grad_norm  # logged as it was: NaN or Inf
+            self.skip_step(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        self._valid_since_log += valid_targets
         self.step += 1
 
-    def forward_backward(self, indices: list[int], valid_targets: int, sync: bool) -> None:
-        """Forward and backward of one micro-batch; gradients are all-reduced only when ``sync``."""
+    def skip_step(self, grad_norm: torch.Tensor) -> None:
+        """A non-finite gradient: drop the step (no update), or stop, as ``train.on_nonfinite`` says."""
+        cfg = self.cfg.train
+        step = self.step + 1
+        if cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite gradient norm ({grad_norm.item()}) at step {step} (train.on_nonfinite=stop)")
+        self.skipped_steps += 1
+        self._skipped_in_row += 1
+        self.main_print(f"warning: step {step}: non-finite gradient norm ({grad_norm.item()}); step skipped "
+                        f"({self._skipped_in_row} in a row, {self.skipped_steps} in all)")
+        if self._skipped_in_row >= cfg.max_skipped:
+            raise NonFiniteError(f"{self._skipped_in_row} steps in a row with a non-finite gradient, up to step {step} "
+                                 f"(train.max_skipped={cfg.max_skipped})")
+
+    def forward_backward(self, indices: list[int], valid_targets: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients are all-reduced only when ``sync``.
+        Returns the micro-batch's summed loss (detached, on the device)."""
         acc = self.accelerator
         x, y = self.to_device(*self.train_data.batch(indices))
         # DDP decides in forward whether the coming backward all-reduces (no_sync clears
@@ -243,7 +319,7 @@ class Trainer:
             acc.backward(loss_sum * (self.world_size / valid_targets))
         if self.cfg.train.debug:
             self.check_gradients()  # after every micro-step, so the message names the one that broke
-        self._loss_sum += loss_sum.detach().float()
+        return loss_sum.detach().float()
 
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Host to device; pinned on CUDA so that the copy is asynchronous and the host runs ahead."""
@@ -264,7 +340,8 @@ class Trainer:
         """Read the running sums back from the device (the only host sync of the loop) and log them."""
         acc, plan = self.accelerator, self.plan
         loss_sum = acc.reduce(self._loss_sum, reduction="sum").item()  # .item() waits for the device
-        loss = loss_sum / max(self._valid_since_log, 1)
+        # NaN when every step since the last log was skipped: there is no loss to report.
+        loss = loss_sum / self._valid_since_log if self._valid_since_log else float("nan")
         elapsed = time.perf_counter() - self._log_clock[0]
         steps = self.step - self._log_clock[1]
         self.train_time_s += elapsed
@@ -276,6 +353,7 @@ class Trainer:
             "loss": loss,
             "lr": self.lr,
             "grad_norm": float(self._grad_norm),
+            "skipped_steps": self.skipped_steps,
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed / max(steps, 1),
         }
@@ -323,15 +401,13 @@ class Trainer:
             self.log_validation()
         if self.step > self.first_step or not logged:
             self.save_checkpoint()
-        self.progress.close()
-        if self._samples_file:
-            self._samples_file.close()
         train_losses = [r["loss"] for r in self.metrics.history if "loss" in r]
         summary = {
             "steps": self.step,
             "samples": self.step * plan.global_size,
             "tokens": self.step * plan.tokens_per_step,
             "final_loss": train_losses[-1] if train_losses else None,
+            "skipped_steps": self.skipped_steps,
             "first_loss": train_losses[0] if train_losses else None,
             "val_loss": self.last_val_loss,
             "world_size": plan.world_size,
@@ -351,12 +427,19 @@ class Trainer:
             write_json_atomic(self.run_dir / "summary.json", summary)
             print(f"done: {self.step} steps, final loss {summary['final_loss']:.4f}, "
                   f"val loss {summary['val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s", flush=True)
-        self.metrics.close()
         acc.wait_for_everyone()
-        acc.end_training()
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Close the run's files and shut the process group down cleanly (also after a stop)."""
+        self.progress.close()
+        self.metrics.close()
+        if self._samples_file:
+            self._samples_file.close()
+        self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        return summary
 
     def save_final_weights(self) -> None:
         """A plain state dict in safetensors; tied weights are stored as separate copies."""
