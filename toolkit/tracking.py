@@ -1,4 +1,4 @@
-"""Where metrics go: the run directory's ``metrics.jsonl`` and ``summary.json`` (W&B comes later)."""
+"""Where metrics go: the run directory's ``metrics.jsonl`` and ``summary.json``."""
 
 from __future__ import annotations
 

@@ -126,8 +126,7 @@ class Trainer:
         self._samples_file = (
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
         )
-        for signum in PREEMPTION_SIGNALS:
-            signal.signal(signum, self._on_signal)
+        self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in PREEMPTION_SIGNALS}
         self.first_step = self.step  # where this process started (after a resume, the checkpoint's step)
         self.progress = tqdm(
             total=cfg.train.steps, initial=self.step,
@@ -433,6 +432,8 @@ class Trainer:
 
     def close(self) -> None:
         """Close the run's files and shut the process group down cleanly (also after a stop)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
         self.progress.close()
         self.metrics.close()
         if self._samples_file:
