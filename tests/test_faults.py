@@ -70,9 +70,10 @@ def test_preemption_stops_all_ranks_with_a_checkpoint_and_resumes_identically(tm
     print(stderr[-1500:])
     if processes == 1:
         assert rc == EXIT_PREEMPTED
-    else:  # torchrun reports each worker's exit code, then fails itself
-        assert rc != 0 and stderr.count(f"exitcode  : {EXIT_PREEMPTED}") == processes, stderr[-3000:]
-    assert f"preempted by {signal.Signals(signum).name}" in stderr
+    else:  # torchrun fails itself and reports the workers' exit code (sometimes only the first one's)
+        assert rc != 0 and f"exitcode  : {EXIT_PREEMPTED}" in stderr, stderr[-3000:]
+    # Every rank stopped on its own account after the same step, not killed by the launcher.
+    assert stderr.count(f"stopped: preempted by {signal.Signals(signum).name}") == processes, stderr[-3000:]
     assert not (run_dir / "summary.json").exists()
     train_steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     checkpoints = sorted((run_dir / "checkpoints").iterdir())

@@ -263,16 +263,26 @@ def test_nan_gradient_names_the_parameter(tmp_path, clean_state):
     assert trainer.step == 0  # the optimizer step never ran
 
 
-def test_nan_is_not_checked_outside_debug_mode(tmp_path, clean_state):
-    trainer = make_trainer(tmp_path, "optim.grad_clip=0")
-    param = trainer.accelerator.unwrap_model(trainer.model).get_parameter("blocks.0.attn.qkv.weight")
-    param.register_hook(lambda g: g * float("nan"))
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_outside_debug_mode_a_nan_gradient_skips_the_step(tmp_path, clean_state, grad_clip):
+    """No per-micro-step checks outside debug mode; the all-reduced gradient norm decides: the step is
+    skipped (train.on_nonfinite=skip, the default), the weights keep their values and the run goes on."""
+    trainer = make_trainer(tmp_path, f"optim.grad_clip={grad_clip}")
+    param = trainer.plain_model.get_parameter("blocks.0.attn.qkv.weight")
+    before = {k: v.detach().clone() for k, v in trainer.plain_model.state_dict().items()}
+    handle = param.register_hook(lambda g: g * float("nan"))
     trainer.start()
     try:
-        trainer.run_steps(1)  # no per-step checks (and no host sync) outside debug mode
+        trainer.run_steps(1)
+        after_skip = {k: v.detach().clone() for k, v in trainer.plain_model.state_dict().items()}
+        handle.remove()
+        trainer.run_steps(1)
     finally:
         close(trainer)
-    assert torch.isnan(param).any()
+    assert trainer.step == 2 and trainer.skipped_steps == 1
+    assert all(torch.equal(before[k], after_skip[k]) for k in before)
+    assert not torch.equal(param.detach(), before["blocks.0.attn.qkv.weight"])  # the next step trained
+    assert torch.isfinite(param).all()
 
 
 def test_lr_follows_samples_whatever_the_split(tmp_path, clean_state):

@@ -49,8 +49,7 @@ def train_main(argv: list[str]) -> int:
             Trainer(cfg).train()
         except NonFiniteError as exc:
             return _error(str(exc), EXIT_NONFINITE)
-        except Preempted as exc:
-            print(f"stopped: {exc}", file=sys.stderr, flush=True)
+        except Preempted:  # the trainer has said so on every rank
             return EXIT_PREEMPTED
     except ConfigError as exc:
         return _error(str(exc), EXIT_CONFIG)

@@ -103,7 +103,12 @@ class Trainer:
         self.start()
         try:
             self.run_steps(self.cfg.train.steps - self.step)
-        except (Preempted, NonFiniteError):
+        except Preempted as exc:
+            # Said at once, on every rank: a launcher may end the other ranks as soon as one exits.
+            print(f"stopped: {exc}", file=sys.stderr, flush=True)
+            self.close()
+            raise
+        except NonFiniteError:
             self.close()
             raise
         return self.finish()
