@@ -90,8 +90,27 @@ def test_list_ignores_temporary_folders_and_prune_keeps_the_newest(tmp_path):
         write_one(tmp_path, step)
     (tmp_path / ".tmp-step-00000010").mkdir()  # a write killed half-way
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [8, 6, 4, 2]
-    checkpoint.prune(tmp_path, keep=2)
+    checkpoint.prune(tmp_path, keep=2, current_step=8)
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [8, 6]
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    """After resuming from an older checkpoint, later folders are set aside (not resumed from, not lost)."""
+    for step in (10, 20, 30):
+        write_one(tmp_path, step)
+    write_one(tmp_path, 12)  # the run went back to step 10 and has just written step 12
+    checkpoint.prune(tmp_path, keep=1, current_step=12)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [12]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "stale-step-00000020", "stale-step-00000030", "step-00000012"]
+
+
+def test_a_manifest_that_leaves_out_a_required_file_is_invalid(tmp_path):
+    folder = write_one(tmp_path, 4)
+    (folder / "optimizer.pt").unlink()
+    checkpoint.write_manifest(folder)  # consistent with what is there, but incomplete
+    with pytest.raises(checkpoint.CheckpointError, match="does not list optimizer.pt"):
+        checkpoint.verify(folder)
 
 
 def test_metrics_are_cut_after_the_checkpoint_step_not_rewritten(tmp_path):
@@ -123,6 +142,32 @@ def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     train_steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert train_steps == [5, 10, 15]
+
+
+def test_no_valid_checkpoint_at_all_is_refused_not_restarted(tmp_path):
+    """If every checkpoint is damaged, auto-resume refuses (exit 2) instead of starting over and
+    overwriting metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    train([*SMALL, "train.steps=10", f"run.dir={run_dir}"])
+    for folder in (run_dir / "checkpoints").iterdir():
+        (folder / "model.safetensors").write_bytes(b"0")
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    result = train([*SMALL, "train.steps=10", f"run.dir={run_dir}"], check=False)
+    assert result.returncode == 2 and "none of the 2 checkpoints" in result.stderr, result.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_rerunning_a_finished_two_process_run_ends_at_once(tmp_path):
+    """Resumed at its final step, every rank knows (from the checkpoint) that nothing is left to do:
+    no rank validates or writes alone, so nothing waits for a partner, and nothing is logged twice."""
+    run_dir = tmp_path / "run"
+    train([*SMALL, "train.steps=5", f"run.dir={run_dir}"], processes=2)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    again = train([*SMALL, "train.steps=5", f"run.dir={run_dir}"], processes=2, timeout=120)
+    assert "already done and validated" in again.stdout
+    assert read_jsonl(run_dir / "metrics.jsonl") == records
+    assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == summary["val_loss"]
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):

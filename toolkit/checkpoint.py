@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+REQUIRED = ("model.safetensors", "optimizer.pt", "state.json", "rng-rank0.pt")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -77,13 +78,20 @@ def verify(folder: Path) -> None:
         files = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        raise CheckpointError(f"{manifest_path}: does not list {', '.join(missing)}")
     for name, expected in files.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
         if path.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']}")
-        if _sha256(path) != expected["sha256"]:
+        try:
+            digest = _sha256(path)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: unreadable ({exc.strerror})") from None
+        if digest != expected["sha256"]:
             raise CheckpointError(f"{path}: checksum does not match the manifest")
 
 
@@ -118,6 +126,10 @@ class TrainingState:
     """The batch plan the checkpoint was written with (the world size may differ on resume)."""
     skipped_steps: int = 0
     """Steps dropped so far for a non-finite gradient."""
+    skipped_in_row: int = 0
+    """Of those, how many in a row up to this step (for train.max_skipped)."""
+    val_loss: float | None = None
+    """The last validation loss (a run resumed at its final step reports it without validating again)."""
 
 
 def save(
@@ -141,7 +153,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(rng_state, tmp / f"rng-rank{rank}.pt")
+    _save_synced(rng_state, tmp / f"rng-rank{rank}.pt")  # each rank flushes its own file
     if rank == 0:
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
                   str(tmp / "model.safetensors"))
@@ -153,18 +165,42 @@ def save(
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
         write_manifest(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        # A checkpoint of the same step from an earlier attempt is moved aside first and deleted only
+        # after the new one is in place, so a kill at any moment leaves one of the two whole.
+        trash = root / f".trash-step-{step:08d}"
+        if final.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(trash, ignore_errors=True)
     barrier()
     return final
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (rank 0 only)."""
-    for _, path in list_checkpoints(root)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
+def _save_synced(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prune(root: Path, keep: int, current_step: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``current_step`` (rank 0 only).
+
+    Folders of later steps belong to a branch the run left by resuming from an older checkpoint: they
+    are renamed ``stale-step-N`` (kept, but no longer resumed from) rather than deleted. A folder being
+    deleted is renamed first, so a kill half-way leaves no half-deleted checkpoint that looks valid.
+    """
+    found = list_checkpoints(root)
+    for step, path in found:
+        if step > current_step:
+            os.replace(path, root / f"stale-{path.name}")
+    for _, path in [c for c in found if c[0] <= current_step][keep:]:
+        doomed = root / f".trash-{path.name}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _torch_load(path: Path):
@@ -178,11 +214,14 @@ def load(folder: Path, rank: int) -> tuple[dict, dict, dict | None, TrainingStat
     """Verify and read a checkpoint: model state, optimizer state, this rank's RNG (None if the checkpoint
     had fewer ranks), training state."""
     verify(folder)
-    model_state = load_file(str(folder / "model.safetensors"))
+    try:
+        model_state = load_file(str(folder / "model.safetensors"))
+        state = TrainingState(**json.loads((folder / "state.json").read_text()))
+    except Exception as exc:  # a verified file that still does not parse (written by another version)
+        raise CheckpointError(f"{folder}: cannot read ({str(exc).splitlines()[0]})") from None
     optimizer_state = _torch_load(folder / "optimizer.pt")
     rng_path = folder / f"rng-rank{rank}.pt"
     rng_state = _torch_load(rng_path) if rng_path.is_file() else None
-    state = TrainingState(**json.loads((folder / "state.json").read_text()))
     return model_state, optimizer_state, rng_state, state
 
 

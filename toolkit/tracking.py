@@ -28,12 +28,13 @@ def cut_after_step(path: Path, step: int) -> None:
     with open(path, "rb+") as f:
         for line in f:
             try:
-                if json.loads(line)["step"] > step:
+                if not line.endswith(b"\n") or json.loads(line)["step"] > step:
                     break
             except (ValueError, KeyError):  # a line torn by the kill
                 break
             offset += len(line)
         f.truncate(offset)
+        os.fsync(f.fileno())
 
 
 class MetricsLog:

@@ -103,6 +103,7 @@ class Trainer:
         self.start()
         try:
             self.run_steps(self.cfg.train.steps - self.step)
+            return self.finish()
         except Preempted as exc:
             # Said at once, on every rank: a launcher may end the other ranks as soon as one exits.
             print(f"stopped: {exc}", file=sys.stderr, flush=True)
@@ -111,7 +112,6 @@ class Trainer:
         except NonFiniteError:
             self.close()
             raise
-        return self.finish()
 
     def start(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -199,12 +199,9 @@ class Trainer:
                     f"to continue that run, or another run.dir"
                 )
             return False
-        if cfg.resume == "auto":
-            folder = checkpoint.newest_valid(self.checkpoint_root, warn=self.main_print)
-            if folder is None:
-                return False
-        else:
-            folder = Path(cfg.resume)
+        folder = Path(cfg.resume) if cfg.resume != "auto" else self.agree_on_newest_checkpoint()
+        if folder is None:
+            return False
         try:
             model_state, optimizer_state, rng, state = checkpoint.load(folder, self.rank)
         except checkpoint.CheckpointError as exc:
@@ -217,7 +214,8 @@ class Trainer:
         self.plain_model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.step = state.step
-        self.skipped_steps = state.skipped_steps
+        self.skipped_steps, self._skipped_in_row = state.skipped_steps, state.skipped_in_row
+        self.last_val_loss = state.val_loss
         if rng is not None:
             checkpoint.set_rng_state(rng)
         else:
@@ -230,6 +228,26 @@ class Trainer:
         acc.wait_for_everyone()
         return True
 
+    def agree_on_newest_checkpoint(self) -> Path | None:
+        """Rank 0 finds the newest valid checkpoint and tells the others, so that all ranks resume from
+        the same one even if their views of the file system differ for a moment."""
+        choice: tuple[str, str | None] = ("none", None)
+        if self.accelerator.is_main_process:
+            found = checkpoint.list_checkpoints(self.checkpoint_root)
+            folder = checkpoint.newest_valid(self.checkpoint_root, warn=self.main_print)
+            if folder is not None:
+                choice = ("ok", str(folder))
+            elif found:
+                choice = ("error", f"none of the {len(found)} checkpoints in {self.checkpoint_root} verifies; "
+                                   f"resume from a path (checkpoint.resume=PATH) or use another run.dir")
+        if self.world_size > 1:
+            box = [choice]
+            torch.distributed.broadcast_object_list(box, src=0)
+            choice = box[0]
+        if choice[0] == "error":
+            raise ConfigError(choice[1])
+        return Path(choice[1]) if choice[0] == "ok" else None
+
     def save_checkpoint(self) -> None:
         started, acc, main = time.perf_counter(), self.accelerator, self.accelerator.is_main_process
         # Parameters are identical on every rank (DDP), so every rank reaches the same verdict.
@@ -241,12 +259,13 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict() if main else None,
             rng_state=checkpoint.rng_state(),
             state=checkpoint.TrainingState(
-                self.step, self.step * self.plan.global_size, self.plan.as_dict(), self.skipped_steps
+                self.step, self.step * self.plan.global_size, self.plan.as_dict(), self.skipped_steps,
+                self._skipped_in_row, self.last_val_loss,
             ),
             rank=self.rank, barrier=acc.wait_for_everyone,
         )
         if main:
-            checkpoint.prune(self.checkpoint_root, self.cfg.checkpoint.keep)
+            checkpoint.prune(self.checkpoint_root, self.cfg.checkpoint.keep, self.step)
         self._pause_clock(started)
 
     def main_print(self, message: str) -> None:
@@ -398,12 +417,11 @@ class Trainer:
         acc, plan = self.accelerator, self.plan
         # A run resumed from its own final checkpoint (killed while writing final/ or the summary, or
         # simply started again) ran no step: its final validation and checkpoint are already there.
-        logged = [r["val_loss"] for r in self.metrics.history if r["step"] == self.step and "val_loss" in r]
-        if logged:
-            self.last_val_loss = logged[-1]
+        # Every rank knows this from the checkpoint alone, so all of them take the same branch.
+        if self.step == self.first_step and self.last_val_loss is not None:
+            self.main_print(f"step {self.step} was already done and validated; writing the final files only")
         else:
             self.log_validation()
-        if self.step > self.first_step or not logged:
             self.save_checkpoint()
         train_losses = [r["loss"] for r in self.metrics.history if "loss" in r]
         summary = {
