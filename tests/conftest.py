@@ -63,6 +63,13 @@ def train(overrides: list[str], processes: int = 1, timeout: float = 240, check:
     return result
 
 
+def final_weights(run_dir: Path) -> dict:
+    """The final weights a run wrote (``run.dir/final/model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, child_env, descendants, kill_job, read_jsonl, train, train_cmd
-from safetensors.torch import load_file
+from conftest import ROOT, child_env, descendants, final_weights, kill_job, read_jsonl, train, train_cmd
 
 from toolkit.cli import EXIT_NONFINITE, EXIT_PREEMPTED
 
@@ -35,9 +34,6 @@ def rank_pids(launcher_pid: int, rank: int) -> list[int]:
             found.append(pid)
     return found
 
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
 @pytest.mark.parametrize("processes, signum", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
@@ -84,7 +80,7 @@ def test_preemption_stops_all_ranks_with_a_checkpoint_and_resumes_identically(tm
 
     resumed = train([*config, f"run.dir={run_dir}"], processes=processes)
     assert f"at step {stopped_at}" in resumed.stdout
-    ref, got = weights(reference), weights(run_dir)
+    ref, got = final_weights(reference), final_weights(run_dir)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 

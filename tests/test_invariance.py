@@ -5,7 +5,7 @@ numbers of valid targets) split the global batch of 8 four ways:
 
     processes x micro x accumulation:  1 x 8 x 1,  1 x 2 x 4,  2 x 2 x 2,  2 x 4 x 1
 
-and must end with the same weights (fp32, max relative difference <= 1e-5, defined in ``max_rel_diff``),
+and must end with the same weights (fp32, max relative difference <= 1e-5, defined in ``toolkit.bench.max_rel_diff``),
 the same losses and the same samples at every step. An in-process gradient check shows that the classic
 normalisation (mean of per-micro-batch means) would *not* be split-invariant on the same data.
 
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, train
-from safetensors.torch import load_file
+from conftest import final_weights, read_jsonl, train
+
+from toolkit.bench import max_rel_diff
 
 GLOBAL = 8
 STEPS = 5
@@ -89,23 +90,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """Max over tensors of ``max|a - b| / max|b|`` (per tensor, so a small tensor is not hidden by a large one).
 
-    Returns (value, name of the worst tensor).
-    """
-    assert a.keys() == b.keys()
-    worst = (0.0, "")
-    for name in b:
-        x, y = a[name].double(), b[name].double()
-        scale = y.abs().max().item()
-        rel = (x - y).abs().max().item() / (scale if scale > 0 else 1.0)
-        worst = max(worst, (rel, name))
-    return worst
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
 def test_runs_used_the_splits_asked_for(runs):
@@ -121,7 +106,7 @@ def test_runs_used_the_splits_asked_for(runs):
 def test_final_weights_agree_across_splits(runs):
     from toolkit.model import build_model
 
-    ref = weights(runs[REFERENCE])
+    ref = final_weights(runs[REFERENCE])
     init = {k: v.detach().clone() for k, v in build_model(config()).state_dict().items()}
     assert init.keys() == ref.keys()
 
@@ -136,7 +121,7 @@ def test_final_weights_agree_across_splits(runs):
     for name in SPLITS:
         if name == REFERENCE:
             continue
-        other = weights(runs[name])
+        other = final_weights(runs[name])
         rel, where = max_rel_diff(other, ref)
         # The same difference measured against what training changed in each tensor (scale-free).
         vs_update = max((other[k] - ref[k]).abs().max().item() / moved[k] for k in ref)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, child_env, kill_job, read_jsonl, train, train_cmd
-from safetensors.torch import load_file
+from conftest import ROOT, child_env, final_weights, kill_job, read_jsonl, train, train_cmd
+
+from toolkit.bench import max_rel_diff
 
 GLOBAL = 8
 COMMON = [
@@ -58,19 +59,7 @@ WS_CONFIG = [*COMMON, f"train.steps={WS_STEPS}", "train.val_every=20", f"checkpo
 TOL = 1e-5
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
 
-
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """Max over tensors of ``max|a - b| / max|b|``; returns (value, worst tensor)."""
-    assert a.keys() == b.keys()
-    worst = (0.0, "")
-    for name in b:
-        x, y = a[name].double(), b[name].double()
-        scale = y.abs().max().item()
-        worst = max(worst, ((x - y).abs().max().item() / (scale if scale > 0 else 1.0), name))
-    return worst
 
 
 def valid_checkpoints(run_dir: Path) -> list[int]:
@@ -156,7 +145,7 @@ def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, processes):
     assert int(match.group(2)) == newest
     assert Path(match.group(1)).name == f"step-{newest:08d}"
 
-    ref, got = weights(reference), weights(killed)
+    ref, got = final_weights(reference), final_weights(killed)
     assert ref.keys() == got.keys()
     different = [name for name in ref if not torch.equal(ref[name], got[name])]
     assert not different, f"after the kill at step {newest} these tensors differ: {different}"
@@ -217,7 +206,7 @@ def test_resume_with_a_different_world_size(tmp_path):
     assert (summary["micro_size"], summary["accumulation"], summary["global_size"]) == (2, 4, GLOBAL)
     check_metrics(resumed, WS_STEPS)
 
-    rel, where = max_rel_diff(weights(resumed), weights(reference))
+    rel, where = max_rel_diff(final_weights(resumed), final_weights(reference))
     print(f"max relative difference to the 2-process run: {rel:.3e} ({where})")
     assert rel <= TOL, f"{where}: {rel:.3e}"
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_jsonl, train
-from safetensors.torch import load_file
+from conftest import final_weights, read_jsonl, train
 
 from toolkit.config import load_config
 from toolkit.schedule import lr_at
@@ -119,7 +118,7 @@ def check_final_weights(job: dict) -> None:
     from toolkit.model import GPT, GPTShape
 
     s = job["summary"]
-    state = load_file(str(job["dir"] / "final" / "model.safetensors"))
+    state = final_weights(job["dir"])
     model = GPT(GPTShape(**s["model"]))
     assert set(state) == set(model.state_dict())
     model.load_state_dict(state, strict=True)
@@ -163,9 +162,6 @@ def test_one_and_two_processes_train_the_same(request, default_one, default_two)
 # ----------------------------------------------------------------------------------------- debug mode
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
 
 def test_debug_mode_deterministic_and_short(tmp_path):
     runs = []
@@ -177,7 +173,7 @@ def test_debug_mode_deterministic_and_short(tmp_path):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["steps"] == 20  # tiny.yaml says 300; --debug caps it at 20
         assert summary["world_size"] == 1
-    a, b = weights(runs[0]), weights(runs[1])
+    a, b = final_weights(runs[0]), final_weights(runs[1])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs between two debug runs"

@@ -56,15 +56,16 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest over tensors of ``max|a - b| / max|b|``: 0.0 when the weights are bitwise equal."""
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest over tensors of ``max|a - b| / max|b|`` (per tensor, so a small tensor is not hidden by a
+    large one) and the name of that tensor; 0.0 when the weights are bitwise equal."""
     if a.keys() != b.keys():
         raise ValueError(f"different parameters: {sorted(a.keys() ^ b.keys())}")
-    worst = 0.0
+    worst = (0.0, "")
     for name, ref in b.items():
         diff = (a[name].double() - ref.double()).abs().max().item()
         scale = ref.double().abs().max().item()
-        worst = max(worst, diff / scale if scale > 0 else diff)
+        worst = max(worst, (diff / scale if scale > 0 else diff, name))
     return worst
 
 
@@ -196,7 +197,7 @@ def parity(cfg: Config, steps: int = 30, repeats: int = 3) -> dict:
                 if reference is None:  # the first run; every later one, of either loop, must end on these
                     reference, reference_losses = weights, losses
                     continue
-                diffs.append(max_rel_diff(weights, reference))
+                diffs.append(max_rel_diff(weights, reference)[0])
                 loss_diffs.append(max(abs(a - b) for a, b in zip(losses, reference_losses, strict=True)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
