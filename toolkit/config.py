@@ -187,6 +187,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    stage: int | None = None
+    """ZeRO stage. Unset (null): plain DDP through Accelerate. 0, 1, 2 or 3: DeepSpeed with that stage
+    (0: DeepSpeed's data parallelism without sharding; 1: optimizer states sharded over the processes;
+    2: also gradients; 3: also parameters). When unset and the run is started with a DeepSpeed launch
+    file (``launch/zero*.yaml``), the launch file's stage is taken."""
+
+    offload_optimizer: bool = False
+    """ZeRO 1-3: keep the optimizer states and fp32 master weights in CPU memory and run the optimizer
+    step there (ZeRO-Offload). Saves device memory, costs host-device traffic every step."""
+
+    offload_params: bool = False
+    """ZeRO-3 only: keep the parameters in CPU memory between uses (ZeRO-Infinity's CPU offload)."""
+
+    config_file: str | None = None
+    """A DeepSpeed JSON to start from (communication buckets, overlap, ...). The toolkit writes the batch
+    fields (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps) from the
+    batch plan; the file may leave them out or set them to "auto", and a value that disagrees with the
+    plan is refused. It may not define an optimizer or scheduler (they come from ``optim``)."""
+
+
+@dataclass
 class Config:
     seed: int = 1337
     """Seeds model initialisation and the data order (together with the epoch)."""
@@ -198,6 +220,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -264,8 +287,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         except OmegaConfBaseException as exc:
             raise _one_line(exc, "the command line overrides", item.split("=", 1)[0]) from None
     cfg: Config = OmegaConf.to_object(merged)
+    apply_deepspeed_launch(cfg, os.environ)
     validate(cfg)
     return cfg
+
+
+def apply_deepspeed_launch(cfg: Config, env) -> None:
+    """Take the DeepSpeed settings of an Accelerate launch file (``accelerate launch --config_file
+    launch/zero2.yaml`` passes them as ACCELERATE_DEEPSPEED_* variables) where the run config leaves them
+    unset; a run config that says otherwise is refused, naming both values, rather than silently overruled."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    ds = cfg.deepspeed
+    launched_stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))  # Accelerate's own default is 2
+    if ds.stage is None:
+        ds.stage = launched_stage
+    elif ds.stage != launched_stage:
+        raise ConfigError(f"deepspeed.stage={ds.stage} but the launch file says zero_stage: {launched_stage}; "
+                          f"drop one of them or make them agree")
+    for key, variable in (("offload_optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
+                          ("offload_params", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")):
+        device = env.get(variable, "none").lower()
+        _require(device in ("none", "cpu"), f"the launch file's {variable[len('ACCELERATE_DEEPSPEED_'):].lower()}: "
+                                            f"{device} is not supported; use none or cpu")
+        if device == "cpu":
+            setattr(ds, key, True)
+    launched_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if launched_file.lower() != "none":
+        _require(ds.config_file in (None, launched_file),
+                 f"deepspeed.config_file={ds.config_file} but the launch file names {launched_file}; drop one of them")
+        ds.config_file = launched_file
 
 
 def _require(ok: bool, message: str) -> None:
@@ -331,6 +382,16 @@ def validate(cfg: Config) -> None:
         cfg.optim.decay_samples is None or cfg.optim.decay_samples > 0,
         f"optim.decay_samples={cfg.optim.decay_samples} must be positive",
     )
+    ds = cfg.deepspeed
+    _require(ds.stage in (None, 0, 1, 2, 3), f"deepspeed.stage={ds.stage} is not valid; choose 0, 1, 2, 3 or null (plain DDP)")
+    _require(not ds.offload_optimizer or (ds.stage or 0) >= 1,
+             f"deepspeed.offload_optimizer=true needs ZeRO stage 1, 2 or 3 (deepspeed.stage={ds.stage})")
+    _require(not ds.offload_params or ds.stage == 3,
+             f"deepspeed.offload_params=true needs deepspeed.stage=3 (deepspeed.stage={ds.stage})")
+    _require(ds.config_file is None or Path(ds.config_file).is_file(),
+             f"deepspeed.config_file: file not found: {ds.config_file}")
+    _require(ds.config_file is None or ds.stage is not None,
+             "deepspeed.config_file is only read with DeepSpeed; set deepspeed.stage (0-3) too")
 
 
 def to_yaml(cfg: Config, extra: dict | None = None) -> str:

@@ -1,8 +1,11 @@
-"""Building the Accelerator from the config: which device, which backend, which precision.
+"""Building the Accelerator from the config: which device, which backend, which precision, and
+whether DeepSpeed runs the model.
 
 On a machine without CUDA the toolkit chooses the CPU path itself: ``Accelerator(cpu=True)`` under
 ``torchrun``/``accelerate launch`` gives one gloo process group over all ranks (MULTI_CPU), and plain
-``python train.py`` gives a single process.
+``python train.py`` gives a single process. ``cpu=True`` makes Accelerate ignore DeepSpeed, so a
+DeepSpeed run on CPU instead asks for a gloo process group (``InitProcessGroupKwargs``); with CUDA it
+gets NCCL as usual.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+from toolkit import zero
+from toolkit.batch import make_plan
 from toolkit.config import Config, ConfigError
 
 
@@ -36,6 +42,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # cuBLAS needs this workspace setting before the first CUDA call to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    if zero.enabled(cfg):
+        return build_deepspeed_accelerator(cfg, on_cpu)
     # gradient_accumulation_steps stays 1: the trainer accumulates itself (explicit no_sync and its own
     # loss normalisation), so Accelerate must not divide the loss a second time. Precision and compilation
     # come from the run config, not from a launch file: the same run config gives the same run anywhere.
@@ -44,4 +52,23 @@ def build_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=mixed_precision(cfg, on_cpu),
         gradient_accumulation_steps=1,
         dynamo_backend="inductor" if cfg.model.compile else "no",  # compiled after DDP wrapping, in prepare()
+    )
+
+
+def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
+    """Accelerate with a DeepSpeed plugin whose config is written from the batch plan (DeepSpeed asserts
+    train_batch_size == micro x accumulation x world, so nothing is left as "auto")."""
+    if cfg.model.compile:
+        raise ConfigError("model.compile=true is not supported with deepspeed.stage yet; use model.compile=false")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, world_size, cfg.data.seq_len)
+    plugin = DeepSpeedPlugin(hf_ds_config=zero.deepspeed_config(cfg, plan, on_cuda=not on_cpu))
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+    if on_cpu:
+        # DeepSpeed picks its own accelerator; on a machine without CUDA that is its CPU accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return Accelerator(
+        mixed_precision=mixed_precision(cfg, on_cpu),
+        deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
     )

@@ -13,6 +13,13 @@ The math that must not depend on the hardware:
   full one, and the gradient would change with the split (transformers#34191).
 * Gradients are all-reduced once per optimizer step: every micro-step but the last runs under
   ``no_sync``.
+
+Under DeepSpeed (``deepspeed.stage`` set) the engine owns the backward pass and the optimizer step:
+``engine.backward`` divides the loss by its accumulation steps unless told not to (``scale_wrt_gas=False``
+here, since the loss is already divided by the global count) and averages gradients over the ranks
+like DDP; ``engine.step`` after every micro-step applies the update, clipped, at the accumulation
+boundary only. ZeRO-2 and -3 reduce-scatter gradients on every micro-step (that is how they keep only a
+shard of them), so "once per step" holds for DDP, stage 0 and stage 1.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from toolkit import checkpoint
+from toolkit import checkpoint, zero
 from toolkit.batch import BatchPlan, make_plan
 from toolkit.config import Config, ConfigError, to_yaml
 from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches, validation_batches
 from toolkit.engine import build_accelerator
+from toolkit.memory import PeakMeter, activation_bytes, predict
 from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups
 from toolkit.schedule import lr_at
 from toolkit.tracking import MetricsLog, write_json_atomic
@@ -62,6 +70,8 @@ class Trainer:
         self.rank, self.world_size = acc.process_index, acc.num_processes
         self.plan: BatchPlan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, self.world_size, cfg.data.seq_len)
 
+        self.deepspeed = zero.enabled(cfg)
+        memory_baseline = PeakMeter.baseline_now(acc.device)
         model = build_model(cfg)
         self.shape = model.shape
         self.n_params = num_params(model)
@@ -73,27 +83,42 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
         )
-        # prepare() wraps the model in DDP when there are several processes, wraps its forward in autocast
-        # when mixed precision is on, and compiles it when model.compile is set.
+        # The parameters in the optimizer's order, and its groups: what a checkpoint's optimizer.pt indexes.
+        self.ordered_params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.optimizer_layout = zero.remember_groups(optimizer)
+        self.memory_plan = predict(
+            sum(p.numel() for p in self.ordered_params), self.world_size, cfg.deepspeed.stage,
+            bf16=acc.mixed_precision == "bf16",
+            activations=activation_bytes(self.plan.micro_size, cfg.data.seq_len, self.shape.n_layer, self.shape.n_embd,
+                                         self.shape.vocab_size, 2 if acc.mixed_precision == "bf16" else 4),
+            offload_optimizer=cfg.deepspeed.offload_optimizer, offload_params=cfg.deepspeed.offload_params,
+        )
+        self.step = 0  # optimizer steps done; also the sampler's position
+        self.skipped_steps = 0  # steps dropped for a non-finite gradient, in total
+        self._skipped_in_row = 0
+        self.last_val_loss: float | None = None
+        self.run_dir = cfg.run_dir
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        # Weights are restored into the plain model before prepare(): DeepSpeed builds its fp32 shards
+        # from them there. The optimizer state follows once it exists.
+        restored = self.load_checkpoint(model)
+        # prepare() wraps the model in DDP when there are several processes (or in a DeepSpeed engine),
+        # wraps its forward in autocast when mixed precision is on, and compiles it when model.compile is set.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.plain_model = acc.unwrap_model(self.model, keep_torch_compile=False)  # for eval, checks, saving
         self.decay_samples = o.decay_samples or cfg.train.steps * cfg.batch.global_size
+        self.resumed = self.restore_training_state(*restored) if restored else False
+        self.memory = PeakMeter(acc.device, memory_baseline)
 
-        self.step = 0  # optimizer steps done; also the sampler's position
         self.lr = 0.0
         self.micro_step = 0  # micro-step within the current optimizer step (read by tests' hooks)
-        self.run_dir = cfg.run_dir
-        self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics: MetricsLog | None = None
-        self.last_val_loss: float | None = None
         self.train_time_s = 0.0  # wall time of the training steps (log intervals end at a host sync)
         # Running sums since the last log step, kept on the device so that no step waits for the host.
         self._loss_sum = torch.zeros((), device=acc.device)
         self._valid_since_log = 0
         self._grad_norm = torch.zeros((), device=acc.device)
         self._log_clock = (time.perf_counter(), 0)
-        self.skipped_steps = 0  # steps dropped for a non-finite gradient, in total
-        self._skipped_in_row = 0
         self._stop_signal: int | None = None
         self._flag_group = None
 
@@ -118,12 +143,14 @@ class Trainer:
         # Every rank creates the directory (a no-op where it exists), so an unwritable run.dir fails on all
         # ranks alike instead of leaving the others waiting for rank 0.
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resumed = self.resume()
+        resumed = self.resumed
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
+            m = self.memory_plan
             print(f"run directory: {self.run_dir}\n{self.plan.table()}\nmodel: {self.n_params:,} parameters, "
-                  f"{self.shape}\ndevice: {acc.device} ({acc.distributed_type}), precision: {acc.mixed_precision}",
-                  flush=True)
+                  f"{self.shape}\ndevice: {acc.device} ({acc.distributed_type}), precision: {acc.mixed_precision}\n"
+                  f"memory predicted per device ({m.mode}): {m.model_states / 2**30:.3f} GiB model states + "
+                  f"{m.activations / 2**30:.3f} GiB activations", flush=True)
         acc.wait_for_everyone()  # config.yaml is written before any rank starts training
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=acc.is_main_process, resumed_step=self.step if resumed else None
@@ -140,6 +167,7 @@ class Trainer:
             dynamic_ncols=True, desc="train",
         )
         self._log_clock = (time.perf_counter(), self.step)
+        self.memory.reset()  # the measured peak is that of training, not of start-up
 
     def run_steps(self, count: int) -> None:
         """``count`` optimizer steps, with logging and periodic validation."""
@@ -183,15 +211,16 @@ class Trainer:
         self._log_clock = (self._log_clock[0] + time.perf_counter() - started, self._log_clock[1])
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def resume(self) -> bool:
-        """Restore model, optimizer, step and RNG from a checkpoint, as ``checkpoint.resume`` says.
+    def load_checkpoint(self, model: torch.nn.Module) -> tuple | None:
+        """Find the checkpoint to resume from, as ``checkpoint.resume`` says, and load its weights into the
+        plain model. Returns what ``restore_training_state`` needs, or None for a fresh start.
 
         The world size may differ from the checkpoint's: the plan is re-derived for this run and the step
         number fixes the data order and the LR, so the run continues unchanged. A rank that the checkpoint
         has no RNG state for (more ranks than before) keeps its seeded generator and says so; the built-in
         loop draws no random numbers (dropout 0), so this changes nothing unless model.dropout > 0.
         """
-        acc, cfg = self.accelerator, self.cfg.checkpoint
+        cfg = self.cfg.checkpoint
         if cfg.resume == "never":
             if checkpoint.list_checkpoints(self.checkpoint_root):
                 raise ConfigError(
@@ -201,7 +230,7 @@ class Trainer:
             return False
         folder = Path(cfg.resume) if cfg.resume != "auto" else self.agree_on_newest_checkpoint()
         if folder is None:
-            return False
+            return None
         try:
             model_state, optimizer_state, rng, state = checkpoint.load(folder, self.rank)
         except checkpoint.CheckpointError as exc:
@@ -211,8 +240,17 @@ class Trainer:
                 f"batch.global_size={self.plan.global_size} but checkpoint {folder} was trained with "
                 f"{state.plan['global_size']}; the global batch cannot change within a run"
             )
-        self.plain_model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optimizer_state)
+        model.load_state_dict(model_state)
+        return folder, optimizer_state, rng, state
+
+    def restore_training_state(self, folder: Path, optimizer_state: dict, rng: dict | None,
+                               state: checkpoint.TrainingState) -> bool:
+        """After prepare(): the optimizer state (into ZeRO's shards where DeepSpeed holds it), step and RNG."""
+        acc = self.accelerator
+        if self.zero_shards:
+            zero.load_full_optimizer_state(self.ordered_params, self.model.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.step = state.step
         self.skipped_steps, self._skipped_in_row = state.skipped_steps, state.skipped_in_row
         self.last_val_loss = state.val_loss
@@ -248,15 +286,35 @@ class Trainer:
             raise ConfigError(choice[1])
         return Path(choice[1]) if choice[0] == "ok" else None
 
+    @property
+    def zero_shards(self) -> bool:
+        """DeepSpeed holds the fp32 weights and optimizer states in shards (ZeRO 1-3, or its bf16 optimizer)."""
+        return self.deepspeed and zero.uses_fragments(self.ordered_params)
+
+    def whole_states(self, with_optimizer: bool) -> tuple[dict | None, dict | None, bool]:
+        """The whole model and optimizer state dicts, as plain PyTorch would save them, on the main process
+        (None elsewhere), and whether the weights are finite (the same verdict on every rank). Under ZeRO
+        they are gathered from the shards: collectives, so every rank calls this."""
+        main = self.accelerator.is_main_process
+        if self.zero_shards:
+            model_state, finite = zero.full_model_state(self.plain_model, keep=main)
+            optimizer_state = (zero.full_optimizer_state(self.ordered_params, self.model.optimizer,
+                                                         self.optimizer_layout, keep=main) if with_optimizer else None)
+            return model_state if main else None, optimizer_state, finite
+        # DDP and stage 0: every rank holds the same whole weights.
+        finite = all(bool(torch.isfinite(p).all()) for p in self.plain_model.parameters())
+        model_state = self.plain_model.state_dict() if main else None
+        return model_state, self.optimizer.state_dict() if (with_optimizer and main) else None, finite
+
     def save_checkpoint(self) -> None:
         started, acc, main = time.perf_counter(), self.accelerator, self.accelerator.is_main_process
-        # Parameters are identical on every rank (DDP), so every rank reaches the same verdict.
-        if not all(torch.isfinite(p).all() for p in self.plain_model.parameters()):
+        model_state, optimizer_state, finite = self.whole_states(with_optimizer=True)
+        if not finite:
             raise NonFiniteError(f"non-finite weights at step {self.step}: not writing a checkpoint")
         checkpoint.save(
             self.checkpoint_root, self.step,
-            model_state=self.plain_model.state_dict() if main else None,
-            optimizer_state=self.optimizer.state_dict() if main else None,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
             rng_state=checkpoint.rng_state(),
             state=checkpoint.TrainingState(
                 self.step, self.step * self.plan.global_size, self.plan.as_dict(), self.skipped_steps,
@@ -292,6 +350,9 @@ class Trainer:
         for j, indices in enumerate(micro_batches):
             self.micro_step = j
             step_loss += self.forward_backward(indices, valid_targets, sync=j == len(micro_batches) - 1)
+        if self.deepspeed:
+            self.finish_deepspeed_step(step_loss, valid_targets)
+            return
 
         if cfg.optim.grad_clip > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
@@ -310,6 +371,26 @@ class Trainer:
             self._grad_norm = grad_norm  # logged as it was: NaN or Inf
             self.skip_step(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def finish_deepspeed_step(self, step_loss: torch.Tensor, valid_targets: int) -> None:
+        """DeepSpeed stepped (or, on a non-finite gradient, skipped) at the last micro-step's ``engine.step``."""
+        engine = self.model
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is None:  # stage 0 in fp32: DeepSpeed clipped with torch but kept no norm
+            grad_norm = self._stage0_grad_norm
+        grad_norm = torch.as_tensor(float(grad_norm))
+        self._grad_norm = grad_norm
+        if engine.was_step_applied() and torch.isfinite(grad_norm):
+            self._skipped_in_row = 0
+            self._loss_sum += step_loss
+            self._valid_since_log += valid_targets
+        elif engine.was_step_applied():
+            # Stage 0 in fp32 has no overflow check: the update is already applied and cannot be taken back.
+            raise NonFiniteError(f"non-finite gradient norm ({grad_norm.item()}) at step {self.step + 1} under "
+                                 f"deepspeed.stage=0, which cannot skip a step; use ZeRO 1-3 or plain DDP")
+        else:
+            self.skip_step(grad_norm)  # ZeRO found the overflow and dropped the update
         self.step += 1
 
     def skip_step(self, grad_norm: torch.Tensor) -> None:
@@ -331,6 +412,8 @@ class Trainer:
         Returns the micro-batch's summed loss (detached, on the device)."""
         acc = self.accelerator
         x, y = self.to_device(*self.train_data.batch(indices))
+        if self.deepspeed:
+            return self.deepspeed_forward_backward(x, y, valid_targets, last=sync)
         # DDP decides in forward whether the coming backward all-reduces (no_sync clears
         # require_backward_grad_sync, which forward reads), so the forward must run inside the context.
         with contextlib.nullcontext() if sync else acc.no_sync(self.model):
@@ -342,6 +425,21 @@ class Trainer:
             acc.backward(loss_sum * (self.world_size / valid_targets))
         if self.cfg.train.debug:
             self.check_gradients()  # after every micro-step, so the message names the one that broke
+        return loss_sum.detach().float()
+
+    def deepspeed_forward_backward(self, x: torch.Tensor, y: torch.Tensor, valid_targets: int, last: bool) -> torch.Tensor:
+        engine = self.model
+        loss_sum = engine(x, y)
+        if self.cfg.train.debug and not torch.isfinite(loss_sum):
+            raise NonFiniteError(f"non-finite loss ({loss_sum.item()}) at step {self.step + 1}, micro-step {self.micro_step}")
+        # DeepSpeed averages gradients over the ranks like DDP (hence the world size), and would divide by
+        # its accumulation steps on top of the global count: scale_wrt_gas=False keeps the loss exact.
+        engine.backward(loss_sum * (self.world_size / valid_targets), scale_wrt_gas=False)
+        if last and not self.zero_shards:
+            # Stage 0 in fp32 clips inside step() without keeping the norm; gradients are all-reduced by now.
+            grads = [p.grad for p in self.plain_model.parameters() if p.grad is not None]
+            self._stage0_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        engine.step()  # a no-op except at the accumulation boundary, where it clips and updates
         return loss_sum.detach().float()
 
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -415,6 +513,7 @@ class Trainer:
     def finish(self) -> dict:
         """Final validation, weights and summary; then a clean shutdown of the process group."""
         acc, plan = self.accelerator, self.plan
+        memory = self.measured_memory()  # before validation and the final checkpoint add their own peaks
         # A run resumed from its own final checkpoint (killed while writing final/ or the summary, or
         # simply started again) ran no step: its final validation and checkpoint are already there.
         # Every rank knows this from the checkpoint alone, so all of them take the same branch.
@@ -443,9 +542,11 @@ class Trainer:
             "n_params": self.n_params,
             "flops_per_token": self.flops_per_token,
             "model": asdict(self.shape),
+            "memory": memory,
         }
+        final_weights, _, _ = self.whole_states(with_optimizer=False)
         if acc.is_main_process:
-            self.save_final_weights()
+            self.save_final_weights(final_weights)
             write_json_atomic(self.run_dir / "summary.json", summary)
             print(f"done: {self.step} steps, final loss {summary['final_loss']:.4f}, "
                   f"val loss {summary['val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s", flush=True)
@@ -465,9 +566,31 @@ class Trainer:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-    def save_final_weights(self) -> None:
-        """A plain state dict in safetensors; tied weights are stored as separate copies."""
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.plain_model.state_dict().items()}
+    def measured_memory(self) -> dict:
+        """Measured peak per device since training began (the largest over the ranks), next to the prediction."""
+        measured = torch.tensor([float(self.memory.peak()), float(self.memory.above_baseline())], device=self.accelerator.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
+        m = self.memory_plan
+        result = {
+            "mode": m.mode,
+            "measured": "cuda_max_allocated" if self.accelerator.device.type == "cuda" else "peak_rss",
+            "peak_gib": measured[0].item() / 2**30,
+            "above_baseline_gib": measured[1].item() / 2**30,
+            "predicted_model_states_gib": m.model_states / 2**30,
+            "predicted_activations_gib": m.activations / 2**30,
+            "predicted_gib": m.total / 2**30,
+            "predicted_host_gib": m.host / 2**30,
+        }
+        self.main_print(f"memory per device ({m.mode}): measured peak {result['peak_gib']:.3f} GiB, "
+                        f"{result['above_baseline_gib']:.3f} GiB above the start; predicted {result['predicted_gib']:.3f} GiB "
+                        f"({result['predicted_model_states_gib']:.3f} model states + "
+                        f"{result['predicted_activations_gib']:.3f} activations)")
+        return result
+
+    def save_final_weights(self, whole_state: dict) -> None:
+        """A plain state dict in safetensors, whole under every ZeRO stage; tied weights are stored as copies."""
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in whole_state.items()}
         final = self.run_dir / "final"
         final.mkdir(exist_ok=True)
         tmp = final / "model.safetensors.tmp"

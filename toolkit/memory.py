@@ -1,0 +1,163 @@
+"""Memory per device: predicted from the ZeRO paper's accounting, and measured while training.
+
+Prediction (Rajbhandari et al. 2020, section 3 and figure 1). Training with Adam holds, per parameter:
+the parameters (``P`` bytes each: 2 in bf16, 4 in fp32), their gradients (``P`` bytes) and the optimizer
+states ``K``: an fp32 master copy, momentum and variance (4 + 4 + 4 = 12 bytes). That is the paper's
+2Ψ + 2Ψ + 12Ψ in mixed precision. Where the parameters themselves are the fp32 master (plain fp32
+training, DDP or DeepSpeed stage 0) there is no separate copy and K = 8; DeepSpeed's ZeRO 1-3 keep
+an fp32 copy of their shard even in fp32, so K = 12 there. ZeRO shards over the N data-parallel ranks:
+
+    stage 0 / DDP:  P + P + K        stage 2:  P + (P + K) / N
+    stage 1:        P + P + K / N    stage 3:  (P + P + K) / N
+
+DDP adds a gradient bucket copy (P more, from 2 processes on). Optimizer offload moves K (and for
+stage 2-3 the fp32 gradient shard) into host memory; parameter offload (stage 3) moves P / N too.
+
+Activations of the built-in GPT, per token of the micro-batch, saved for the backward pass: per layer
+the two LayerNorm inputs and outputs (4h), q, k and v (3h), the attention output (h) and the MLP's
+hidden layer before and after GELU (8h), 16h in all; then the final LayerNorm (2h), the logits and
+their log-softmax (2V). A rough count: the allocator, temporaries of the backward pass and the
+framework's own workspace come on top.
+
+Measured: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``) from the first training
+step on; on CPU the process's peak resident set (VmHWM), reset before the first step through
+``/proc/self/clear_refs`` so that start-up (imports, building and flattening the model) does not count,
+minus the resident set before the model was built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted bytes per device (and in host memory, for what is offloaded)."""
+
+    mode: str
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    host: float  # offloaded states, in host memory
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "model_states": self.model_states, "activations": self.activations, "host": self.host,
+                "total": self.total}
+
+
+def mode_name(stage: int | None, offload_optimizer: bool = False, offload_params: bool = False) -> str:
+    name = "DDP" if stage is None else f"ZeRO-{stage}"
+    if offload_optimizer:
+        name += " +offload opt"
+    if offload_params:
+        name += " +offload params"
+    return name
+
+
+def activation_bytes(micro_size: int, seq_len: int, n_layer: int, n_embd: int, vocab_size: int,
+                     bytes_per_value: int) -> float:
+    per_token = n_layer * 16 * n_embd + 2 * n_embd + 2 * vocab_size
+    return float(micro_size * seq_len * per_token * bytes_per_value)
+
+
+def predict(n_params: int, world_size: int, stage: int | None, *, bf16: bool, activations: float = 0.0,
+            offload_optimizer: bool = False, offload_params: bool = False) -> MemoryPlan:
+    """Per-device bytes for ``n_params`` trainable parameters (all of them, embeddings included)."""
+    psi, n = float(n_params), world_size
+    p = 2 if bf16 else 4
+    # Mixed precision keeps an fp32 master copy; so does DeepSpeed's ZeRO 1-3 (of its shard) even in
+    # fp32. DDP's AdamW in bf16 autocast keeps fp32 parameters, which are their own master copy.
+    if stage is None:
+        p = 4  # Accelerate's bf16 is autocast: parameters, gradients and AdamW stay fp32
+        k = 8
+    else:
+        k = 12 if (bf16 or stage >= 1) else 8
+    params, grads, optimizer = p * psi, p * psi, k * psi
+    if stage is None and n > 1:
+        grads += p * psi  # DDP's bucket copy of the gradients
+    if stage is not None and stage >= 1:
+        optimizer /= n
+    if stage is not None and stage >= 2:
+        grads /= n
+    if stage == 3:
+        params /= n
+    host = 0.0
+    if offload_optimizer:
+        host += optimizer
+        optimizer = 0.0
+        if stage is not None and stage >= 2:
+            host += 4 * psi / n  # the fp32 gradient shard the CPU optimizer steps on
+    if offload_params:
+        host += params
+        params = 0.0
+    return MemoryPlan(mode_name(stage, offload_optimizer, offload_params), params, grads, optimizer, activations, host)
+
+
+def table(plans: list[MemoryPlan], n_params: int, world_size: int, note: str = "") -> str:
+    rows = [f"memory per device (GiB) for {n_params:,} parameters on {world_size} process(es){note}:",
+            f"  {'mode':<26}{'params':>9}{'grads':>9}{'optim':>9}{'states':>9}{'activ':>9}{'total':>9}{'host':>9}"]
+    for m in plans:
+        rows.append(f"  {m.mode:<26}" + "".join(
+            f"{v / GIB:>9.3f}" for v in (m.params, m.grads, m.optimizer, m.model_states, m.activations, m.total, m.host)))
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------ measured
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (CPU memory)."""
+    return _status_kib("VmRSS") * 1024
+
+
+class PeakMeter:
+    """The peak memory of training, without start-up: CUDA allocator peak, or CPU peak resident set."""
+
+    def __init__(self, device: torch.device, baseline: int):
+        self.device = device
+        self.baseline = baseline  # bytes in use before the model was built (CPU: resident set)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+            except OSError:
+                pass  # then the peak includes start-up; still an upper bound
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kib("VmHWM") * 1024
+
+    def above_baseline(self) -> int:
+        return self.peak() - self.baseline
+
+    @staticmethod
+    def baseline_now(device: torch.device) -> int:
+        if device.type == "cuda":
+            return torch.cuda.memory_allocated(device)
+        return resident_bytes() if os.path.exists("/proc/self/status") else 0

@@ -1,0 +1,175 @@
+"""DeepSpeed ZeRO: its config written from the batch plan, and whole (unsharded) model and optimizer
+states for checkpoints and final weights.
+
+Why whole states rather than DeepSpeed's own per-rank checkpoint files: a checkpoint of this toolkit
+is one format for every mode. The fp32 weights and the AdamW moments of every parameter are gathered
+into exactly what a plain PyTorch AdamW would save (``optimizer.pt``), so a run can resume on another
+number of processes (ZeRO-2 on 2 processes -> 1), another stage, or plain DDP, without a conversion
+step (DeepSpeed's universal checkpoint needs its ``ds_to_universal`` script run in between). The cost
+is that rank 0 holds the whole state in CPU memory while writing it (16 bytes per parameter), which is
+fine for the models a single node trains; beyond that, DeepSpeed's universal checkpoint is the tool.
+
+Gathering and restoring use DeepSpeed's tensor-fragment API (``safe_get_full_fp32_param``,
+``safe_get_full_optimizer_state`` and their ``set`` twins), which knows where each parameter's slice lives
+for every stage. All of these are collectives: every rank must call them, in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from toolkit.batch import BatchPlan
+from toolkit.config import Config, ConfigError
+
+BATCH_FIELDS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def enabled(cfg: Config) -> bool:
+    return cfg.deepspeed.stage is not None
+
+
+def read_user_config(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"deepspeed.config_file: cannot read {path} as JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config_file: {path} must hold a JSON object")
+    return data
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan, on_cuda: bool) -> dict:
+    """The DeepSpeed config dict: the user's file (if any) with the batch fields, the stage, offload and
+    clipping written from the run config. A user value that disagrees is refused, naming both."""
+    ds = cfg.deepspeed
+    user = read_user_config(ds.config_file) if ds.config_file else {}
+    origin = ds.config_file
+    planned = {"train_batch_size": plan.global_size, "train_micro_batch_size_per_gpu": plan.micro_size,
+               "gradient_accumulation_steps": plan.accumulation}
+    for key, value in planned.items():
+        theirs = user.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            raise ConfigError(
+                f"{origin}: {key}={theirs} disagrees with the batch plan's {value} (global {plan.global_size} = "
+                f"micro {plan.micro_size} x accumulation {plan.accumulation} x world {plan.world_size}); "
+                f"remove it or set it to \"auto\": the toolkit writes it from batch.*"
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ConfigError(f"{origin}: remove the '{key}' section; the toolkit builds AdamW and its LR schedule "
+                              f"from optim.* so that DDP and every ZeRO stage train the same way")
+    zero = dict(user.get("zero_optimization", {}))
+    if zero.get("stage", ds.stage) != ds.stage:
+        raise ConfigError(f"{origin}: zero_optimization.stage={zero['stage']} disagrees with deepspeed.stage={ds.stage}")
+    theirs_clip = user.get("gradient_clipping", "auto")
+    if theirs_clip != "auto" and float(theirs_clip) != cfg.optim.grad_clip:
+        raise ConfigError(f"{origin}: gradient_clipping={theirs_clip} disagrees with optim.grad_clip={cfg.optim.grad_clip}")
+
+    zero["stage"] = ds.stage
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    config = {
+        **user,
+        **planned,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # The toolkit hands DeepSpeed a torch AdamW so that every stage runs the same update as DDP.
+        # DeepSpeed refuses a client optimizer with offload unless told that this is on purpose.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": user.get("steps_per_print", 10**9),  # the toolkit logs; DeepSpeed stays quiet
+    }
+    return config
+
+
+# ------------------------------------------------------------------------------------------ whole states
+def uses_fragments(params: list[torch.nn.Parameter]) -> bool:
+    """True when DeepSpeed holds the fp32 weights and optimizer states in shards (ZeRO 1-3, or its bf16
+    optimizer); False for stage 0 in fp32, where the client AdamW holds them whole on every rank."""
+    return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params)
+
+
+def full_model_state(model: torch.nn.Module, keep: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """The whole fp32 state dict (kept on the rank where ``keep``; a collective, every rank calls it) and
+    whether all of it is finite (the same answer on every rank). Tied weights appear under each of
+    their names, as in ``state_dict()``."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    whole, finite = {}, True
+    for name, p in model.named_parameters(remove_duplicate=False):
+        value = safe_get_full_fp32_param(p)
+        value = (value if value is not None else p.detach()).to("cpu", torch.float32)
+        finite = finite and bool(torch.isfinite(value).all())
+        if keep:
+            whole[name] = value.clone()
+    if keep:
+        whole.update({name: b.detach().to("cpu").clone() for name, b in model.named_buffers()})
+    return whole, finite
+
+
+def remember_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The AdamW groups as a plain state dict describes them (hyperparameters and parameter indices),
+    noted before DeepSpeed replaces each group's parameters with its flat shards."""
+    layout, start = [], 0
+    for group in optimizer.param_groups:
+        count = len(group["params"])
+        layout.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + count))})
+        start += count
+    return layout
+
+
+def full_optimizer_state(params: list[torch.nn.Parameter], zero_optimizer, layout: list[dict], keep: bool) -> dict | None:
+    """A plain ``torch.optim.AdamW.state_dict()`` for ``params`` (the model's parameters in the order of
+    the optimizer's groups; ``layout`` from ``remember_groups``), gathered from ZeRO's shards and kept on
+    the rank where ``keep`` (a collective: every rank calls it; the others get None)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    inner = zero_optimizer.optimizer  # the torch AdamW that DeepSpeed steps on its flat shards
+    steps = [s["step"] for s in inner.state.values() if "step" in s]
+    state = {}
+    if steps:  # no state before the first step, as in torch
+        relink_fragments(zero_optimizer)
+        step = steps[0].detach().to("cpu", torch.float32)
+        for index, p in enumerate(params):
+            moments = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_STATES}
+            if keep:
+                state[index] = {"step": step.clone(), **{k: v.to("cpu", torch.float32).clone() for k, v in moments.items()}}
+    if not keep:
+        return None
+    lr = inner.param_groups[0]["lr"]
+    return {"state": state, "param_groups": [{**group, "lr": lr} for group in layout]}
+
+
+def relink_fragments(zero_optimizer) -> None:
+    """ZeRO 1-2 (and DeepSpeed's bf16 optimizer) link each parameter's view of the optimizer states once,
+    right after the first group's first step; the groups stepped later (here: AdamW's no-decay group)
+    have no states yet at that moment and stay unlinked (DeepSpeed 0.19.8). Link them all again."""
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def load_full_optimizer_state(params: list[torch.nn.Parameter], zero_optimizer, saved: dict) -> None:
+    """Put a plain AdamW state dict (saved in any mode, on any number of processes) into ZeRO's shards.
+
+    DeepSpeed creates the optimizer states lazily at the first step, so they are created here first,
+    as torch's AdamW would (zeros and the step count), and DeepSpeed links its fragments to them."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if not saved["state"]:
+        return  # saved before any step: nothing to restore
+    inner = zero_optimizer.optimizer
+    step = next(iter(saved["state"].values()))["step"].detach().to("cpu", torch.float32)
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            inner.state[flat] = {"step": step.clone(),
+                                 **{k: torch.zeros_like(flat, memory_format=torch.preserve_format) for k in ADAM_STATES}}
+    relink_fragments(zero_optimizer)
+    for index, p in enumerate(params):
+        for key in ADAM_STATES:
+            safe_set_full_optimizer_state(p, saved["state"][index][key], key)
