@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from toolkit.processes import alive, descendants, kill_tree  # noqa: F401  (tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -74,52 +74,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's process group *and* the ranks.
-
-    torchrun (torch.distributed.elastic) starts every worker with ``start_new_session=True``, so
-    ``os.killpg`` of the launcher's group alone leaves the ranks running: they go on training and write
-    checkpoints into run.dir while the resumed run starts. Stop the whole tree first (so that nothing
-    spawns or exits in between), then kill every process group in it."""
-    tree = descendants(proc.pid)
-    groups = set()
-    for pid in tree:
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for group in groups:
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                pass
-    print(f"SIGKILL to {len(tree)} processes in {len(groups)} process groups")
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while any(alive(pid) for pid in tree):
-        assert time.monotonic() < deadline, f"processes still alive after SIGKILL: {[p for p in tree if alive(p)]}"
-        time.sleep(0.05)
+    """SIGKILL the launcher and every rank below it (torchrun starts ranks in sessions of their own)."""
+    print(f"SIGKILL to {kill_tree(proc)} processes")

@@ -16,6 +16,7 @@ EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
 """SIGTERM/SIGUSR1: stopped after a step with a checkpoint; run the same command again (EX_TEMPFAIL)."""
 BENCH_PARITY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-parity.yaml"
+BENCH_MEMORY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-memory.yaml"
 DEBUG_STEPS = 20
 """Debug mode runs at most this many steps unless train.steps is given on the command line."""
 
@@ -57,15 +58,35 @@ def train_main(argv: list[str]) -> int:
 
 
 def plan_main(args: argparse.Namespace) -> int:
+    import torch
+
+    from toolkit import memory
+
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, args.world_size, cfg.data.seq_len)
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())
+    # The precision the run would train in: train.precision, or for auto bf16 with CUDA and fp32 without.
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    n_params, plans = memory.plans_for_config(cfg, args.world_size, bf16)
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "n_params": n_params, "precision": "bf16" if bf16 else "fp32",
+                          "memory_bytes": [m.as_dict() for m in plans]}, indent=2))
+    else:
+        print(plan.table())
+        print(memory.table(plans, n_params, args.world_size, f", {'bf16' if bf16 else 'fp32'}, micro-batch "
+                                                              f"{plan.micro_size} x {cfg.data.seq_len} tokens"))
     return 0
 
 
 def bench_main(args: argparse.Namespace) -> int:
     from toolkit.bench import parity
 
+    if args.which == "memory":
+        from toolkit.bench_memory import memory_bench
+
+        result = memory_bench(args.config or BENCH_MEMORY_CONFIG, args.overrides, processes=args.processes,
+                              stages=args.stages)
+        print(json.dumps(result, indent=2) if args.json else result["report"])
+        return 0
     cfg = load_config(args.config or BENCH_PARITY_CONFIG, args.overrides)
     result = parity(cfg, steps=args.steps, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else result["report"])
@@ -84,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=plan_main)
 
     b = sub.add_parser("bench", help="benchmarks, as ratios against a baseline measured in the same run")
-    b.add_argument("which", choices=["parity"], help="parity: the toolkit's loop against a plain PyTorch loop")
-    b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml)")
+    b.add_argument("which", choices=["parity", "memory"],
+                   help="parity: the toolkit's loop against a plain PyTorch loop; memory: measured against predicted "
+                        "memory per device for DDP and ZeRO stages")
+    b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml, configs/bench-memory.yaml)")
+    b.add_argument("--processes", type=int, default=2, help="memory: processes per run")
+    b.add_argument("--stages", default="ddp,0,1,2,3", help="memory: comma-separated modes (ddp or a ZeRO stage)")
     b.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
     b.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each loop")
     b.add_argument("--json", action="store_true")

@@ -312,6 +312,10 @@ def apply_deepspeed_launch(cfg: Config, env) -> None:
                                             f"{device} is not supported; use none or cpu")
         if device == "cpu":
             setattr(ds, key, True)
+    launched_clip = env.get("ACCELERATE_GRADIENT_CLIPPING", "none").lower()
+    if launched_clip not in ("none", "auto") and float(launched_clip) != cfg.optim.grad_clip:
+        raise ConfigError(f"the launch file's gradient_clipping: {launched_clip} disagrees with optim.grad_clip="
+                          f"{cfg.optim.grad_clip}; remove it from the launch file or set optim.grad_clip")
     launched_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if launched_file.lower() != "none":
         _require(ds.config_file in (None, launched_file),

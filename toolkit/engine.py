@@ -19,6 +19,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from toolkit import zero
 from toolkit.batch import make_plan
 from toolkit.config import Config, ConfigError
+from toolkit.model import shape_from_config
 
 
 def wants_cpu(cfg: Config) -> bool:
@@ -62,7 +63,18 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
         raise ConfigError("model.compile=true is not supported with deepspeed.stage yet; use model.compile=false")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, world_size, cfg.data.seq_len)
-    plugin = DeepSpeedPlugin(hf_ds_config=zero.deepspeed_config(cfg, plan, on_cuda=not on_cpu))
+    launched_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    if launched_accumulation != "auto" and int(launched_accumulation) != plan.accumulation:
+        raise ConfigError(
+            f"the launch file's gradient_accumulation_steps: {launched_accumulation} disagrees with the batch plan's "
+            f"{plan.accumulation} (global {plan.global_size} = micro {plan.micro_size} x accumulation "
+            f"{plan.accumulation} x world {plan.world_size}); remove it from the launch file"
+        )
+    ds_config = zero.deepspeed_config(cfg, plan, on_cuda=not on_cpu, hidden=shape_from_config(cfg).n_embd)
+    # The launch file's DeepSpeed fields are in the run config now (config.apply_deepspeed_launch) and
+    # in ds_config; Accelerate would refuse the explicit config while they are still marked as set.
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
     if on_cpu:
         # DeepSpeed picks its own accelerator; on a machine without CUDA that is its CPU accelerator.

@@ -10,7 +10,10 @@ an fp32 copy of their shard even in fp32, so K = 12 there. ZeRO shards over the 
     stage 0 / DDP:  P + P + K        stage 2:  P + (P + K) / N
     stage 1:        P + P + K / N    stage 3:  (P + P + K) / N
 
-DDP adds a gradient bucket copy (P more, from 2 processes on). Optimizer offload moves K (and for
+Two buffers come on top, both a flat copy of the gradients used to all-reduce them: DDP's buckets (from
+2 processes on), and DeepSpeed stage 0's, which flattens up to 5e8 elements at once (a constant in
+DeepSpeed, not configurable). ZeRO 1-3 reduce in buckets that the toolkit sizes to the model (hidden²
+elements, see ``zero.bucket_sizes``), small enough to leave out. Optimizer offload moves K (and for
 stage 2-3 the fp32 gradient shard) into host memory; parameter offload (stage 3) moves P / N too.
 
 Activations of the built-in GPT, per token of the micro-batch, saved for the backward pass: per layer
@@ -19,10 +22,12 @@ hidden layer before and after GELU (8h), 16h in all; then the final LayerNorm (2
 their log-softmax (2V). A rough count: the allocator, temporaries of the backward pass and the
 framework's own workspace come on top.
 
-Measured: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``) from the first training
-step on; on CPU the process's peak resident set (VmHWM), reset before the first step through
-``/proc/self/clear_refs`` so that start-up (imports, building and flattening the model) does not count,
-minus the resident set before the model was built.
+Measured: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``); on CPU the process's peak
+resident set (VmHWM), reset at each step through ``/proc/self/clear_refs`` so that start-up (imports,
+building and flattening the model) does not count; both minus what was in use before the model was
+built. On CPU the resident set also holds memory that glibc's allocator keeps after a tensor is freed;
+``MALLOC_MMAP_THRESHOLD_=65536`` in the environment makes it return large blocks at once (the memory
+benchmark and test set it).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class MemoryPlan:
     params: float
     grads: float
     optimizer: float
+    buffers: float  # flat copies of the gradients for the all-reduce (DDP's buckets, DeepSpeed stage 0's)
     activations: float
     host: float  # offloaded states, in host memory
 
@@ -52,12 +58,12 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.activations
+        return self.model_states + self.buffers + self.activations
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
-                "model_states": self.model_states, "activations": self.activations, "host": self.host,
-                "total": self.total}
+                "model_states": self.model_states, "buffers": self.buffers, "activations": self.activations,
+                "host": self.host, "total": self.total}
 
 
 def mode_name(stage: int | None, offload_optimizer: bool = False, offload_params: bool = False) -> str:
@@ -87,9 +93,11 @@ def predict(n_params: int, world_size: int, stage: int | None, *, bf16: bool, ac
         k = 8
     else:
         k = 12 if (bf16 or stage >= 1) else 8
-    params, grads, optimizer = p * psi, p * psi, k * psi
+    params, grads, optimizer, buffers = p * psi, p * psi, k * psi, 0.0
     if stage is None and n > 1:
-        grads += p * psi  # DDP's bucket copy of the gradients
+        buffers = p * psi  # DDP's bucket copy of the gradients
+    if stage == 0 and n > 1:
+        buffers = p * min(psi, 5e8)  # DeepSpeed's flat all-reduce buffer (MEMORY_OPT_ALLREDUCE_SIZE elements)
     if stage is not None and stage >= 1:
         optimizer /= n
     if stage is not None and stage >= 2:
@@ -105,16 +113,42 @@ def predict(n_params: int, world_size: int, stage: int | None, *, bf16: bool, ac
     if offload_params:
         host += params
         params = 0.0
-    return MemoryPlan(mode_name(stage, offload_optimizer, offload_params), params, grads, optimizer, activations, host)
+    return MemoryPlan(mode_name(stage, offload_optimizer, offload_params), params, grads, optimizer, buffers,
+                      activations, host)
 
 
 def table(plans: list[MemoryPlan], n_params: int, world_size: int, note: str = "") -> str:
     rows = [f"memory per device (GiB) for {n_params:,} parameters on {world_size} process(es){note}:",
-            f"  {'mode':<26}{'params':>9}{'grads':>9}{'optim':>9}{'states':>9}{'activ':>9}{'total':>9}{'host':>9}"]
+            f"  {'mode':<34}{'params':>8}{'grads':>8}{'optim':>8}{'states':>8}{'buffers':>8}{'activ':>8}{'total':>8}"
+            f"{'host':>8}"]
     for m in plans:
-        rows.append(f"  {m.mode:<26}" + "".join(
-            f"{v / GIB:>9.3f}" for v in (m.params, m.grads, m.optimizer, m.model_states, m.activations, m.total, m.host)))
+        rows.append(f"  {m.mode:<34}" + "".join(f"{v / GIB:>8.3f}" for v in (
+            m.params, m.grads, m.optimizer, m.model_states, m.buffers, m.activations, m.total, m.host)))
+    rows.append("  states = params + grads + optim (ZeRO paper); buffers: flat gradient copies for the all-reduce; "
+                "host: offloaded to CPU memory")
     return "\n".join(rows)
+
+
+def plans_for_config(cfg, world_size: int, bf16: bool) -> tuple[int, list[MemoryPlan]]:
+    """The built-in model's parameter count (built on the meta device: no memory, no time) and the
+    predicted memory of DDP and every ZeRO stage for this config's batch plan."""
+    from toolkit.batch import make_plan
+    from toolkit.model import GPT, shape_from_config
+
+    shape = shape_from_config(cfg)
+    with torch.device("meta"):
+        model = GPT(shape)
+    n_params = sum(p.numel() for p in model.parameters())  # tied weights once
+    plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, world_size, cfg.data.seq_len)
+    act = activation_bytes(plan.micro_size, cfg.data.seq_len, shape.n_layer, shape.n_embd, shape.vocab_size,
+                           2 if bf16 else 4)
+    modes = [(None, False, False), (0, False, False), (1, False, False), (2, False, False), (3, False, False),
+             (2, True, False), (3, True, True)]
+    ds = cfg.deepspeed
+    if (ds.stage, ds.offload_optimizer, ds.offload_params) not in modes:
+        modes.append((ds.stage, ds.offload_optimizer, ds.offload_params))
+    return n_params, [predict(n_params, world_size, stage, bf16=bf16, activations=act, offload_optimizer=oo,
+                              offload_params=op) for stage, oo, op in modes]
 
 
 # ------------------------------------------------------------------------------------------ measured
@@ -132,13 +166,21 @@ def resident_bytes() -> int:
 
 
 class PeakMeter:
-    """The peak memory of training, without start-up: CUDA allocator peak, or CPU peak resident set."""
+    """Peak memory while training, without start-up: the CUDA allocator's peak, or the CPU peak resident set.
+
+    Two peaks: ``states_peak``, over the forward and backward passes of each step up to the optimizer
+    update (the moment the ZeRO paper counts: parameters, gradients and optimizer states all alive, plus
+    activations), from the second step on (before it, AdamW has no states yet); and ``peak``, over whole
+    steps including the update and its temporaries (AdamW's, and the all-gather of updated shards)."""
 
     def __init__(self, device: torch.device, baseline: int):
         self.device = device
         self.baseline = baseline  # bytes in use before the model was built (CPU: resident set)
+        self.states_peak = 0  # bytes, from the baseline's zero
+        self.overall_peak = 0
+        self._count_states = False
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -148,13 +190,26 @@ class PeakMeter:
             except OSError:
                 pass  # then the peak includes start-up; still an upper bound
 
-    def peak(self) -> int:
+    def _peak_now(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return _status_kib("VmHWM") * 1024
 
-    def above_baseline(self) -> int:
-        return self.peak() - self.baseline
+    def step_begins(self, count_states: bool) -> None:
+        """Before a step's first forward: close the previous window and open a new one."""
+        self.overall_peak = max(self.overall_peak, self._peak_now() - self.baseline)
+        self._reset()
+        self._count_states = count_states
+
+    def update_begins(self) -> None:
+        """After the step's last backward, before the optimizer update."""
+        if self._count_states:
+            self.states_peak = max(self.states_peak, self._peak_now() - self.baseline)
+
+    def peaks(self) -> tuple[int, int]:
+        """(states_peak, overall peak) in bytes above the baseline."""
+        self.overall_peak = max(self.overall_peak, self._peak_now() - self.baseline)
+        return self.states_peak, self.overall_peak
 
     @staticmethod
     def baseline_now(device: torch.device) -> int:

@@ -71,6 +71,9 @@ class Trainer:
         self.plan: BatchPlan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, self.world_size, cfg.data.seq_len)
 
         self.deepspeed = zero.enabled(cfg)
+        # Constructing the first optimizer imports ~70 MB of modules (torch._dynamo); do it now, so that the
+        # memory baseline below holds them and the measured peak counts the model's own memory only.
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
         memory_baseline = PeakMeter.baseline_now(acc.device)
         model = build_model(cfg)
         self.shape = model.shape
@@ -167,7 +170,6 @@ class Trainer:
             dynamic_ncols=True, desc="train",
         )
         self._log_clock = (time.perf_counter(), self.step)
-        self.memory.reset()  # the measured peak is that of training, not of start-up
 
     def run_steps(self, count: int) -> None:
         """``count`` optimizer steps, with logging and periodic validation."""
@@ -346,6 +348,8 @@ class Trainer:
             group["lr"] = lr
         self.lr = lr
 
+        # From the second step on AdamW's states exist, and the peak before the update counts them all.
+        self.memory.step_begins(count_states=self.step > self.first_step)
         step_loss = torch.zeros((), device=self.accelerator.device)
         for j, indices in enumerate(micro_batches):
             self.micro_step = j
@@ -354,6 +358,7 @@ class Trainer:
             self.finish_deepspeed_step(step_loss, valid_targets)
             return
 
+        self.memory.update_begins()
         if cfg.optim.grad_clip > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         else:
@@ -439,6 +444,8 @@ class Trainer:
             # Stage 0 in fp32 clips inside step() without keeping the norm; gradients are all-reduced by now.
             grads = [p.grad for p in self.plain_model.parameters() if p.grad is not None]
             self._stage0_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if last:
+            self.memory.update_begins()
         engine.step()  # a no-op except at the accumulation boundary, where it clips and updates
         return loss_sum.detach().float()
 
@@ -568,24 +575,25 @@ class Trainer:
 
     def measured_memory(self) -> dict:
         """Measured peak per device since training began (the largest over the ranks), next to the prediction."""
-        measured = torch.tensor([float(self.memory.peak()), float(self.memory.above_baseline())], device=self.accelerator.device)
+        measured = torch.tensor([float(v) for v in self.memory.peaks()], device=self.accelerator.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
         m = self.memory_plan
         result = {
             "mode": m.mode,
             "measured": "cuda_max_allocated" if self.accelerator.device.type == "cuda" else "peak_rss",
-            "peak_gib": measured[0].item() / 2**30,
-            "above_baseline_gib": measured[1].item() / 2**30,
+            # Above what was in use before the model was built; 0 when the run had fewer than 2 steps.
+            "states_peak_gib": measured[0].item() / 2**30,
+            "peak_gib": measured[1].item() / 2**30,
             "predicted_model_states_gib": m.model_states / 2**30,
             "predicted_activations_gib": m.activations / 2**30,
             "predicted_gib": m.total / 2**30,
             "predicted_host_gib": m.host / 2**30,
         }
-        self.main_print(f"memory per device ({m.mode}): measured peak {result['peak_gib']:.3f} GiB, "
-                        f"{result['above_baseline_gib']:.3f} GiB above the start; predicted {result['predicted_gib']:.3f} GiB "
-                        f"({result['predicted_model_states_gib']:.3f} model states + "
-                        f"{result['predicted_activations_gib']:.3f} activations)")
+        self.main_print(f"memory per device ({m.mode}), GiB: predicted {result['predicted_gib']:.3f} "
+                        f"({result['predicted_model_states_gib']:.3f} model states + {result['predicted_activations_gib']:.3f} "
+                        f"activations); measured {result['states_peak_gib']:.3f} up to the optimizer update, "
+                        f"{result['peak_gib']:.3f} with the update")
         return result
 
     def save_final_weights(self, whole_state: dict) -> None:

@@ -42,7 +42,21 @@ def read_user_config(path: str) -> dict:
     return data
 
 
-def deepspeed_config(cfg: Config, plan: BatchPlan, on_cuda: bool) -> dict:
+def bucket_sizes(hidden: int) -> dict:
+    """Communication buffer sizes (in elements) scaled to the model, as Hugging Face's Trainer fills
+    DeepSpeed's "auto" values: DeepSpeed's defaults (5e8 elements, 2 GB in fp32) are sized for models of
+    billions of parameters, and a bucket larger than the model holds every gradient at once, so ZeRO-2
+    would save nothing over ZeRO-1 and stage 0 would hold a second copy of the gradients. Larger values
+    (set in deepspeed.config_file) trade memory for fewer, larger messages."""
+    block = 12 * hidden * hidden  # the parameters of one transformer block
+    return {"reduce_bucket_size": hidden * hidden, "allgather_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "stage3_param_persistence_threshold": 10 * hidden,
+            # ZeRO-3 keeps a gathered parameter until this many others were used since (1e9 by default:
+            # every parameter stays whole from its forward to its backward, and ZeRO-3 saves nothing then).
+            "stage3_max_live_parameters": block, "stage3_max_reuse_distance": block}
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan, on_cuda: bool, hidden: int) -> dict:
     """The DeepSpeed config dict: the user's file (if any) with the batch fields, the stage, offload and
     clipping written from the run config. A user value that disagrees is refused, naming both."""
     ds = cfg.deepspeed
@@ -70,6 +84,9 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, on_cuda: bool) -> dict:
         raise ConfigError(f"{origin}: gradient_clipping={theirs_clip} disagrees with optim.grad_clip={cfg.optim.grad_clip}")
 
     zero["stage"] = ds.stage
+    for key, value in bucket_sizes(hidden).items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if ds.offload_params:
