@@ -47,17 +47,18 @@ def run(cmd: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.Complete
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def train_cmd(overrides: list[str], processes: int = 1, script: str = "train.py") -> list[str]:
-    """``python train.py ...`` for one process, ``accelerate launch --config_file launch/cpu.yaml`` for more."""
-    if processes == 1:
+def train_cmd(overrides: list[str], processes: int = 1, script: str = "train.py", launch: str | None = None) -> list[str]:
+    """``python train.py ...`` for one process, ``accelerate launch --config_file launch/cpu.yaml`` for more
+    (or the launch file ``launch``, e.g. ``zero2.yaml``, for any number)."""
+    if processes == 1 and launch is None:
         return [PYTHON, script, *overrides]
-    return [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "cpu.yaml"), "--num_processes",
+    return [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / (launch or "cpu.yaml")), "--num_processes",
             str(processes), "--main_process_port", str(free_port()), script, *overrides]
 
 
 def train(overrides: list[str], processes: int = 1, timeout: float = 240, check: bool = True,
-          script: str = "train.py") -> subprocess.CompletedProcess:
-    result = run(train_cmd(overrides, processes, script), timeout)
+          script: str = "train.py", launch: str | None = None) -> subprocess.CompletedProcess:
+    result = run(train_cmd(overrides, processes, script, launch), timeout)
     if check and result.returncode != 0:
         pytest.fail(f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
     return result

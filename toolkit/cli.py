@@ -43,7 +43,12 @@ def train_main(argv: list[str]) -> int:
                 cfg.train.steps = min(cfg.train.steps, DEBUG_STEPS)
         # The plan is checked against the launcher's world size before any process group exists, and the
         # trainer is imported only then, so that a bad config fails in a fraction of a second.
-        make_plan(cfg.batch.global_size, cfg.batch.micro_size, int(os.environ.get("WORLD_SIZE", "1")))
+        plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, int(os.environ.get("WORLD_SIZE", "1")))
+        if cfg.deepspeed.stage is not None:  # a user's DeepSpeed JSON that disagrees with the plan fails here
+            from toolkit import zero
+            from toolkit.model import shape_from_config
+
+            zero.deepspeed_config(cfg, plan, on_cuda=False, hidden=shape_from_config(cfg).n_embd)
         from toolkit.trainer import NonFiniteError, Preempted, Trainer
 
         try:

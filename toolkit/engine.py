@@ -11,6 +11,7 @@ gets NCCL as usual.
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 from accelerate import Accelerator
@@ -61,7 +62,14 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
     train_batch_size == micro x accumulation x world, so nothing is left as "auto")."""
     if cfg.model.compile:
         raise ConfigError("model.compile=true is not supported with deepspeed.stage yet; use model.compile=false")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" not in os.environ:
+        # `python train.py deepspeed.stage=N`: DeepSpeed always runs in a process group; give it one of
+        # one process, as its own launcher would.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world_size = int(os.environ["WORLD_SIZE"])
     plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, world_size, cfg.data.seq_len)
     launched_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
     if launched_accumulation != "auto" and int(launched_accumulation) != plan.accumulation:

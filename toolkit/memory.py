@@ -119,10 +119,10 @@ def predict(n_params: int, world_size: int, stage: int | None, *, bf16: bool, ac
 
 def table(plans: list[MemoryPlan], n_params: int, world_size: int, note: str = "") -> str:
     rows = [f"memory per device (GiB) for {n_params:,} parameters on {world_size} process(es){note}:",
-            f"  {'mode':<34}{'params':>8}{'grads':>8}{'optim':>8}{'states':>8}{'buffers':>8}{'activ':>8}{'total':>8}"
+            f"  {'mode':<37}{'params':>8}{'grads':>8}{'optim':>8}{'states':>8}{'buffers':>8}{'activ':>8}{'total':>8}"
             f"{'host':>8}"]
     for m in plans:
-        rows.append(f"  {m.mode:<34}" + "".join(f"{v / GIB:>8.3f}" for v in (
+        rows.append(f"  {m.mode:<37}" + "".join(f"{v / GIB:>8.3f}" for v in (
             m.params, m.grads, m.optimizer, m.model_states, m.buffers, m.activations, m.total, m.host)))
     rows.append("  states = params + grads + optim (ZeRO paper); buffers: flat gradient copies for the all-reduce; "
                 "host: offloaded to CPU memory")

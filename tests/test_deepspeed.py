@@ -1,0 +1,173 @@
+"""DeepSpeed ZeRO from the batch plan: the same training as DDP at every stage, whole checkpoints that
+resume after a kill and on another number of processes, clean exits, refused disagreeing configs.
+
+Equivalence: 2 gloo processes, ``data.pack=false`` (samples of different numbers of valid targets),
+global 8 = micro 2 x accumulation 2 x 2 processes, 5 steps, fp32. Each ZeRO stage (and ZeRO-3 with CPU
+offload, started through its launch file) must end on the final weights of plain DDP (max relative
+difference per tensor <= 1e-4) and log the same gradient norm before clipping at every step. The norm is
+the sharper check: Adam's update hardly changes when every gradient is scaled by the same factor, so a
+loss divided once more by DeepSpeed's accumulation steps would barely move the weights, but it halves the
+norm (a probe run with ``scale_wrt_gas`` left on is in ``test_loss_scaling_is_visible_in_the_norm``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, final_weights, read_jsonl, train
+from test_resume_kill import start_and_kill, valid_checkpoints
+
+from toolkit.bench import max_rel_diff
+
+COMMON = [
+    "seed=1337",
+    "model.size=nano",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+    "data.synthetic_tokens=40000",
+    "data.pack=false",
+    "data.seq_len=32",
+    "batch.global_size=8",
+    "batch.micro_size=2",
+    "train.steps=5",
+    "train.val_every=0",
+    "train.val_batches=1",
+    "train.log_every=1",
+    "train.progress=false",
+    "train.precision=fp32",
+    "checkpoint.every_steps=0",
+]
+TOL = 1e-4
+NORM_TOL = 1e-5
+# mode -> (extra overrides, launch file or None for launch/cpu.yaml)
+MODES = {
+    "zero0": (["deepspeed.stage=0"], None),
+    "zero1": (["deepspeed.stage=1"], None),
+    "zero2": (["deepspeed.stage=2"], None),
+    "zero3": (["deepspeed.stage=3"], None),
+    "zero3-offload": ([], "zero3-offload.yaml"),  # stage and offload come from the launch file
+}
+ABORT_SIGNS = ("terminate called", "Aborted", "core dumped", "Traceback", "Segmentation fault")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    root = tmp_path_factory.mktemp("deepspeed")
+    done = {"ddp": (root / "ddp", train([*COMMON, f"run.dir={root / 'ddp'}"], processes=2))}
+    for name, (extra, launch) in MODES.items():
+        started = time.perf_counter()
+        result = train([*COMMON, *extra, f"run.dir={root / name}"], processes=2, launch=launch)
+        print(f"{name}: {time.perf_counter() - started:.1f} s")
+        done[name] = (root / name, result)
+    return done
+
+
+def norms(run_dir: Path) -> list[float]:
+    return [r["grad_norm"] for r in read_jsonl(run_dir / "metrics.jsonl") if "grad_norm" in r]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_stage_matches_ddp(runs, mode):
+    ddp_dir, _ = runs["ddp"]
+    run_dir, _ = runs[mode]
+    ref, got = final_weights(ddp_dir), final_weights(run_dir)
+    # Whole weights under every stage: same names and shapes as DDP's.
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    rel, where = max_rel_diff(got, ref)
+    print(f"{mode}: max relative difference to DDP {rel:.2e} ({where})")
+    assert rel <= TOL, f"{mode}: {where} differs by {rel:.2e}"
+    ref_norms, got_norms = norms(ddp_dir), norms(run_dir)
+    assert len(got_norms) == len(ref_norms) == 5
+    for step, (a, b) in enumerate(zip(got_norms, ref_norms, strict=True), start=1):
+        assert abs(a - b) <= NORM_TOL * b, f"{mode}: step {step} grad norm {a} vs DDP {b}"
+    ref_loss = [r["loss"] for r in read_jsonl(ddp_dir / "metrics.jsonl") if "loss" in r]
+    got_loss = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert got_loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_clean_exit(runs, mode):
+    run_dir, result = runs[mode]
+    assert result.returncode == 0
+    output = result.stdout + result.stderr
+    found = [sign for sign in ABORT_SIGNS if sign in output]
+    assert not found, f"{mode}: {found} in the output:\n{result.stderr[-3000:]}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 5
+
+
+def test_launch_file_settings_are_recorded(runs):
+    """The ZeRO-3 offload launch file's stage and offload settings end up in the run's config.yaml."""
+    run_dir, _ = runs["zero3-offload"]
+    text = (run_dir / "config.yaml").read_text()
+    section = text[text.index("deepspeed:"):]
+    assert "stage: 3" in section and "offload_optimizer: true" in section and "offload_params: true" in section
+    assert json.loads((run_dir / "summary.json").read_text())["memory"]["mode"] == "ZeRO-3 +offload opt +offload params"
+
+
+def test_loss_scaling_is_visible_in_the_norm(runs, tmp_path):
+    """The norm check can fail: the same ZeRO-2 run with DeepSpeed dividing the loss by its accumulation
+    steps (scale_wrt_gas=True, the engine's default) logs norms half of DDP's (accumulation 2)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import deepspeed.runtime.engine as e\n"
+        "backward = e.DeepSpeedEngine.backward\n"
+        "e.DeepSpeedEngine.backward = lambda self, loss, **kw: backward(self, loss)  # drops scale_wrt_gas=False\n"
+        "from toolkit.cli import train_main\n"
+        "sys.exit(train_main(sys.argv[1:]))\n"
+    )
+    train([*COMMON, "deepspeed.stage=2", f"run.dir={tmp_path / 'run'}"], processes=2, script=str(probe))
+    ddp_dir, _ = runs["ddp"]
+    ratios = [a / b for a, b in zip(norms(tmp_path / "run"), norms(ddp_dir), strict=True)]
+    assert all(abs(r - 0.5) < 1e-4 for r in ratios), ratios
+
+
+# ------------------------------------------------------------------------------------------ resume
+RESUME_STEPS = 60
+RESUME_EVERY = 10
+RESUME = [*COMMON, "data.synthetic_tokens=100000", f"train.steps={RESUME_STEPS}", "train.log_every=5",
+          f"checkpoint.every_steps={RESUME_EVERY}", "checkpoint.keep=100", "deepspeed.stage=2"]
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("zero2") / "reference"
+    train([*RESUME, f"run.dir={run_dir}"], processes=2)
+    assert valid_checkpoints(run_dir) == list(range(RESUME_STEPS, 0, -RESUME_EVERY))
+    return run_dir
+
+
+def test_zero2_resume_after_sigkill_matches(zero2_reference, tmp_path):
+    delay = random.Random(7).uniform(0.0, 1.5)
+    killed = tmp_path / "killed"
+    newest, what = start_and_kill([*RESUME, f"run.dir={killed}"], 2, killed, delay)
+    print(f"\nZeRO-2, kill {delay:.2f} s after the first checkpoint: {what}")
+    assert newest is not None
+    result = train([*RESUME, f"run.dir={killed}"], processes=2)
+    match = re.search(r"resumed from \S+ at step (\d+)", result.stdout)
+    assert match and int(match.group(1)) == newest, result.stdout[-2000:]
+    rel, where = max_rel_diff(final_weights(killed), final_weights(zero2_reference))
+    print(f"resumed at step {newest}: max relative difference to the uninterrupted run {rel:.2e} ({where})")
+    assert rel <= 1e-6, f"{where}: {rel:.2e}"
+    assert json.loads((killed / "summary.json").read_text())["steps"] == RESUME_STEPS
+
+
+def test_zero2_checkpoint_of_two_processes_resumes_on_one(zero2_reference, tmp_path):
+    resume_at = 30
+    source = zero2_reference / "checkpoints" / f"step-{resume_at:08d}"
+    assert json.loads((source / "state.json").read_text())["plan"]["world_size"] == 2
+    result = train([*RESUME, f"run.dir={tmp_path / 'one'}", f"checkpoint.resume={source}"], processes=1)
+    line = next((x for x in result.stdout.splitlines() if x.startswith("resumed from")), "")
+    assert f"at step {resume_at} (written with 2 processes, now 1: accumulation 2 -> 4)" in line, result.stdout[-2000:]
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert (summary["steps"], summary["world_size"], summary["memory"]["mode"]) == (RESUME_STEPS, 1, "ZeRO-2")
+    rel, where = max_rel_diff(final_weights(tmp_path / "one"), final_weights(zero2_reference))
+    print(f"\nZeRO-2 2 -> 1 process at step {resume_at}: max relative difference to the 2-process run {rel:.2e} ({where})")
+    assert rel <= TOL, f"{where}: {rel:.2e}"
