@@ -104,6 +104,20 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["skipped_steps"] == 1
 
 
+def test_nonfinite_loss_under_zero2_is_skipped_on_every_rank(tmp_path):
+    """Under DeepSpeed ZeRO-2 the engine finds the overflow and drops the update itself; the toolkit counts
+    the step as skipped on every rank, and the run goes on."""
+    run_dir = tmp_path / "zero2"
+    result = probe([*COMMON, "train.steps=5", "train.log_every=1", "deepspeed.stage=2", f"run.dir={run_dir}"], 3, 1,
+                   processes=2)
+    assert "warning: step 3: non-finite gradient norm" in result.stdout
+    for r in (0, 1):
+        record = json.loads((run_dir / f"nonfinite-rank{r}.json").read_text())
+        assert record["weights_changed_by_bad_step"] is False and record["skipped_steps"] == 1, record
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
 def test_nonfinite_loss_with_stop_exits_3_naming_the_step(tmp_path):
     run_dir = tmp_path / "stop"
     result = probe([*COMMON, "train.steps=6", "train.on_nonfinite=stop", f"run.dir={run_dir}"], 4, 0,
