@@ -24,16 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env() -> dict:
+def child_env(wandb: bool = False) -> dict:
+    """The environment of a child run: one OMP thread (two spinning threads per rank on 2 cores run 20x
+    slower), and W&B off unless the test is about W&B (then offline: no API key, files under run.dir)."""
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        env.pop(key, None)
+    if not wandb:
+        env["WANDB_MODE"] = "disabled"
     return env
 
 
-def run(cmd: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group (torchrun's children too)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -57,8 +63,8 @@ def train_cmd(overrides: list[str], processes: int = 1, script: str = "train.py"
 
 
 def train(overrides: list[str], processes: int = 1, timeout: float = 240, check: bool = True,
-          script: str = "train.py", launch: str | None = None) -> subprocess.CompletedProcess:
-    result = run(train_cmd(overrides, processes, script, launch), timeout)
+          script: str = "train.py", launch: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = run(train_cmd(overrides, processes, script, launch), timeout, env=env)
     if check and result.returncode != 0:
         pytest.fail(f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
     return result

@@ -57,6 +57,7 @@ SPLITS = {
     "1x2x4": (1, 2),
     "2x2x2": (2, 2),
     "2x4x1": (2, 4),
+    "1x4x2": (1, 4),
 }
 REFERENCE = "1x8x1"
 
@@ -78,7 +79,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The four runs, once per module: split name -> run directory."""
+    """The runs, once per module: split name -> run directory."""
     root = tmp_path_factory.mktemp("invariance")
     dirs = {}
     for name, (processes, micro) in SPLITS.items():
@@ -145,6 +146,28 @@ def test_losses_and_gradient_norms_agree_across_splits(runs):
             assert b["grad_norm"] > 0
             for key in ("loss", "grad_norm"):
                 assert abs(a[key] - b[key]) <= TOL * abs(b[key]), f"{name} step {a['step']}: {key} {a[key]} vs {b[key]}"
+
+
+@pytest.mark.parametrize("a, b", [("1x2x4", "2x2x2"), ("1x4x2", "2x4x1")])
+def test_noise_scale_does_not_depend_on_the_split(runs, a, b):
+    """The noise scale's small batch is rank 0's first micro-batch: samples 0-1 of each global batch in
+    1x2x4 and 2x2x2 (one process, or two before DDP's all-reduce), samples 0-3 in 1x4x2 and 2x4x1 (where,
+    with one micro-step, the norm is taken in DDP's communication hook). Same small and big batches, so
+    the same estimate, whatever the number of processes and micro-steps around them."""
+    def noise(name):
+        records = [r for r in read_jsonl(runs[name] / "metrics.jsonl") if "loss" in r]
+        return [(r["noise_grad_sq"], r["noise_trace"]) for r in records], [r["noise_scale"] for r in records]
+
+    (terms_a, scale_a), (terms_b, scale_b) = noise(a), noise(b)
+    print(f"|G|^2, tr(Sigma) per step, {a}: {terms_a}; {b}: {terms_b}")
+    # Compared term by term: in 5 steps the |G|^2 estimate can still be negative, and then B_simple is None.
+    assert len(terms_a) == STEPS and all(t is not None for pair in terms_a + terms_b for t in pair)
+    for (g_a, t_a), (g_b, t_b) in zip(terms_a, terms_b, strict=True):
+        assert t_a == pytest.approx(t_b, rel=1e-4) and t_a > 0
+        assert g_a == pytest.approx(g_b, rel=1e-3, abs=1e-4 * abs(t_a))  # a difference of two larger numbers
+    assert [x is None for x in scale_a] == [x is None for x in scale_b]
+    # One batch size only (1 process, accumulation 1): no estimate at all.
+    assert all(r.get("noise_scale") is None for r in read_jsonl(runs[REFERENCE] / "metrics.jsonl"))
 
 
 def test_data_order_is_the_same_for_every_split(runs):

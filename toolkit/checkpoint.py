@@ -130,6 +130,10 @@ class TrainingState:
     """Of those, how many in a row up to this step (for train.max_skipped)."""
     val_loss: float | None = None
     """The last validation loss (a run resumed at its final step reports it without validating again)."""
+    wandb_run_id: str | None = None
+    """The W&B run this run logs to: a resumed or requeued run continues the same W&B run."""
+    noise_scale: list | None = None
+    """The gradient noise scale's moving averages [|G|^2, tr(Sigma)], so that a resumed run goes on with them."""
 
 
 def save(

@@ -93,6 +93,12 @@ def bench_main(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else result["report"])
         return 0
     cfg = load_config(args.config or BENCH_PARITY_CONFIG, args.overrides)
+    if args.which == "tracking":
+        from toolkit.bench import tracking_overhead
+
+        result = tracking_overhead(cfg, steps=args.steps, repeats=args.repeats)
+        print(json.dumps(result, indent=2) if args.json else result["report"])
+        return 0
     result = parity(cfg, steps=args.steps, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else result["report"])
     return 0
@@ -110,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=plan_main)
 
     b = sub.add_parser("bench", help="benchmarks, as ratios against a baseline measured in the same run")
-    b.add_argument("which", choices=["parity", "memory"],
+    b.add_argument("which", choices=["parity", "memory", "tracking"],
                    help="parity: the toolkit's loop against a plain PyTorch loop; memory: measured against predicted "
-                        "memory per device for DDP and ZeRO stages")
+                        "memory per device for DDP and ZeRO stages; tracking: W&B and the noise scale on vs off")
     b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml, configs/bench-memory.yaml)")
     b.add_argument("--processes", type=int, default=2, help="memory: processes per run")
     b.add_argument("--stages", default="ddp,0,1,2,3", help="memory: comma-separated modes (ddp or a ZeRO stage)")

@@ -187,6 +187,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    wandb: bool = True
+    """Log to Weights & Biases through Accelerate's tracker (main process only). Without an API key, or
+    with WANDB_MODE=offline, the run is recorded offline under run.dir/wandb (upload it later with the
+    ``wandb sync`` command the run prints); with a key but no network it falls back to offline at once."""
+
+    project: str = "batchkit"
+    """W&B project."""
+
+    group: str | None = None
+    """W&B group. Default: ``<model.size>-<data.source>-seq<data.seq_len>``, so that the runs of one
+    scaling study (same model and data, different batch sizes and GPU counts) are grouped together."""
+
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    noise_scale: bool = True
+    """Estimate the gradient noise scale B_simple every step from the gradient norms the step already
+    has (McCandlish et al. 2018, appendix A). Needs two batch sizes: a micro-batch on one rank and the
+    global batch, so more than one micro-batch per step overall (accumulation > 1 or world size > 1)."""
+
+    noise_scale_decay: float = 0.95
+    """EMA decay of the noise scale's two estimates, per step (0.95: about the last 20 steps count)."""
+
+
+@dataclass
 class DeepSpeedConfig:
     stage: int | None = None
     """ZeRO stage. Unset (null): plain DDP through Accelerate. 0, 1, 2 or 3: DeepSpeed with that stage
@@ -221,6 +247,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -386,6 +413,8 @@ def validate(cfg: Config) -> None:
         cfg.optim.decay_samples is None or cfg.optim.decay_samples > 0,
         f"optim.decay_samples={cfg.optim.decay_samples} must be positive",
     )
+    _require(0 <= cfg.tracking.noise_scale_decay < 1,
+             f"tracking.noise_scale_decay={cfg.tracking.noise_scale_decay} must be in [0, 1)")
     ds = cfg.deepspeed
     _require(ds.stage in (None, 0, 1, 2, 3), f"deepspeed.stage={ds.stage} is not valid; choose 0, 1, 2, 3 or null (plain DDP)")
     _require(not ds.offload_optimizer or (ds.stage or 0) >= 1,

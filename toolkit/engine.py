@@ -36,6 +36,12 @@ def mixed_precision(cfg: Config, on_cpu: bool) -> str:
     return "no" if cfg.train.precision == "fp32" else "bf16"
 
 
+def tracker(cfg: Config) -> str | None:
+    """Accelerate's W&B tracker unless tracking is off (tracking.wandb=false or WANDB_MODE=disabled)."""
+    off = not cfg.tracking.wandb or os.environ.get("WANDB_MODE", "").lower() == "disabled"
+    return None if off else "wandb"
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
     on_cpu = wants_cpu(cfg)
     if cfg.train.debug:
@@ -51,6 +57,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     # come from the run config, not from a launch file: the same run config gives the same run anywhere.
     return Accelerator(
         cpu=on_cpu,
+        log_with=tracker(cfg),
         mixed_precision=mixed_precision(cfg, on_cpu),
         gradient_accumulation_steps=1,
         dynamo_backend="inductor" if cfg.model.compile else "no",  # compiled after DDP wrapping, in prepare()
@@ -88,6 +95,7 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
         # DeepSpeed picks its own accelerator; on a machine without CUDA that is its CPU accelerator.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Accelerator(
+        log_with=tracker(cfg),
         mixed_precision=mixed_precision(cfg, on_cpu),
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,

@@ -206,6 +206,10 @@ class PeakMeter:
         if self._count_states:
             self.states_peak = max(self.states_peak, self._peak_now() - self.baseline)
 
+    def peak_so_far(self) -> int:
+        """The highest memory in use at any time since training began (absolute, not above the baseline)."""
+        return max(self.overall_peak + self.baseline, self._peak_now())
+
     def peaks(self) -> tuple[int, int]:
         """(states_peak, overall peak) in bytes above the baseline."""
         self.overall_peak = max(self.overall_peak, self._peak_now() - self.baseline)

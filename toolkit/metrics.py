@@ -1,4 +1,4 @@
-"""Measurements of a run that are not the loss: the gradient noise scale (more to come: MFU, memory).
+"""Measurements of a run that are not the loss: the gradient noise scale and MFU (memory: toolkit/memory.py).
 
 The simple noise scale of McCandlish et al. (2018, "An Empirical Model of Large-Batch Training",
 appendix A) is ``B_simple = tr(Sigma) / |G|^2``: the per-sample gradient covariance's trace over the true
@@ -53,3 +53,31 @@ class NoiseScale:
         if self.grad_sq is None or self.grad_sq <= 0:
             return None
         return self.trace / self.grad_sq
+
+
+# Dense bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets (without sparsity), matched as
+# substrings of ``torch.cuda.get_device_name()`` in this order (so that "H100 PCIe" wins over "H100" and
+# "L40S" over "L4"). MFU is reported for bf16 runs on these devices only: on a CPU, in fp32 (where the
+# peak depends on whether TF32 is allowed) or on an unknown device it is left out rather than guessed.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+)
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """The device's peak FLOP/s for ``precision``, or None when it is not known (see PEAK_BF16_FLOPS)."""
+    if precision != "bf16":
+        return None
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name in device_name), None)
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: the FLOP/s the model's training math needs over the device's peak."""
+    return tokens_per_s_per_device * flops_per_token / peak if peak else None

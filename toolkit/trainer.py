@@ -25,6 +25,9 @@ shard of them), so "once per step" holds for DDP, stage 0 and stage 1.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import os
+import secrets
 import signal
 import sys
 import time
@@ -41,9 +44,10 @@ from toolkit.config import Config, ConfigError, to_yaml
 from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches, validation_batches
 from toolkit.engine import build_accelerator
 from toolkit.memory import PeakMeter, activation_bytes, predict
+from toolkit.metrics import NoiseScale, mfu, peak_flops
 from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups
 from toolkit.schedule import lr_at
-from toolkit.tracking import MetricsLog, write_json_atomic
+from toolkit.tracking import WANDB_NAMES, MetricsLog, start_wandb, write_json_atomic
 
 
 class NonFiniteError(RuntimeError):
@@ -102,6 +106,13 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.run_dir = cfg.run_dir
         self.checkpoint_root = self.run_dir / "checkpoints"
+        self.wandb_run_id: str | None = None  # from the checkpoint, or new (8 characters, as W&B makes them)
+        # The gradient noise scale needs two batch sizes: one micro-batch on one rank, and the global batch.
+        self.noise = (NoiseScale(cfg.tracking.noise_scale_decay)
+                      if cfg.tracking.noise_scale and not self.deepspeed and self.plan.micro_size < self.plan.global_size
+                      else None)
+        self._small_sq = torch.zeros((), device=acc.device)  # |gradient of one micro-batch on this rank|^2
+        self._tokens_per_sample = float(cfg.data.seq_len)
         # Weights are restored into the plain model before prepare(): DeepSpeed builds its fp32 shards
         # from them there. The optimizer state follows once it exists.
         restored = self.load_checkpoint(model)
@@ -111,7 +122,16 @@ class Trainer:
         self.plain_model = acc.unwrap_model(self.model, keep_torch_compile=False)  # for eval, checks, saving
         self.decay_samples = o.decay_samples or cfg.train.steps * cfg.batch.global_size
         self.resumed = self.restore_training_state(*restored) if restored else False
+        self.wandb_run_id = self.wandb_run_id or secrets.token_hex(4)
         self.memory = PeakMeter(acc.device, memory_baseline)
+        if self.noise is not None and self.plan.accumulation == 1:
+            # One micro-step per step: DDP all-reduces inside backward, so the local gradient's norm is
+            # taken in a communication hook, from each bucket before it is all-reduced.
+            self.model.register_comm_hook(self, local_norm_hook)
+        device_name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
+        self.device_name = device_name
+        self.peak_flops = peak_flops(device_name, acc.mixed_precision)
+        self.wandb_mode = "off"
 
         self.lr = 0.0
         self.micro_step = 0  # micro-step within the current optimizer step (read by tests' hooks)
@@ -158,6 +178,11 @@ class Trainer:
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=acc.is_main_process, resumed_step=self.step if resumed else None
         )
+        if acc.is_main_process and acc.log_with:
+            self.wandb_mode = start_wandb(
+                acc, cfg.tracking.project, self.wandb_config(), self.run_dir, self.wandb_run_id, cfg.run.name,
+                cfg.tracking.group or f"{cfg.model.size}-{cfg.data.source}-seq{cfg.data.seq_len}", list(cfg.tracking.tags),
+            )
         self._samples_file = (
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
         )
@@ -256,6 +281,9 @@ class Trainer:
         self.step = state.step
         self.skipped_steps, self._skipped_in_row = state.skipped_steps, state.skipped_in_row
         self.last_val_loss = state.val_loss
+        self.wandb_run_id = state.wandb_run_id
+        if self.noise is not None and state.noise_scale is not None:
+            self.noise.grad_sq, self.noise.trace = (torch.tensor(v, device=acc.device) for v in state.noise_scale)
         if rng is not None:
             checkpoint.set_rng_state(rng)
         else:
@@ -320,13 +348,45 @@ class Trainer:
             rng_state=checkpoint.rng_state(),
             state=checkpoint.TrainingState(
                 self.step, self.step * self.plan.global_size, self.plan.as_dict(), self.skipped_steps,
-                self._skipped_in_row, self.last_val_loss,
+                self._skipped_in_row, self.last_val_loss, self.wandb_run_id,
+                None if self.noise is None or self.noise.grad_sq is None
+                else [float(self.noise.grad_sq), float(self.noise.trace)],
             ),
             rank=self.rank, barrier=acc.wait_for_everyone,
         )
         if main:
             checkpoint.prune(self.checkpoint_root, self.cfg.checkpoint.keep, self.step)
         self._pause_clock(started)
+
+    def wandb_config(self) -> dict:
+        """The W&B run's config: the resolved run config, the batch plan, the hardware and the versions."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        versions = {}
+        for package in ("torch", "accelerate", "deepspeed", "wandb"):
+            try:
+                versions[package] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                versions[package] = None
+        return {
+            **asdict(self.cfg),
+            "plan": self.plan.as_dict(),
+            "hardware": {"device": self.device_name, "device_count": self.world_size,
+                         "nodes": max(1, self.world_size // max(local, 1)),
+                         "distributed_type": str(self.accelerator.distributed_type),
+                         "precision": self.accelerator.mixed_precision},
+            "versions": versions,
+            "n_params": self.n_params,
+            "flops_per_token": self.flops_per_token,
+        }
+
+    def log(self, record: dict) -> None:
+        """One record to metrics.jsonl and, under W&B's names, to W&B (main process). A resumed run does not
+        send W&B the steps the killed run had already sent (the same numbers: the resume is exact), so that
+        the W&B run's steps keep increasing."""
+        self.metrics.log(record)
+        if self.wandb_mode in ("online", "offline") and record["step"] > self.metrics.logged_up_to:
+            values = {WANDB_NAMES[k]: v for k, v in record.items() if k in WANDB_NAMES and v is not None}
+            self.accelerator.log(values, step=record["step"])
 
     def main_print(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -351,9 +411,14 @@ class Trainer:
         # From the second step on AdamW's states exist, and the peak before the update counts them all.
         self.memory.step_begins(count_states=self.step > self.first_step)
         step_loss = torch.zeros((), device=self.accelerator.device)
+        self._small_sq = torch.zeros((), device=self.accelerator.device)
         for j, indices in enumerate(micro_batches):
             self.micro_step = j
             step_loss += self.forward_backward(indices, valid_targets, sync=j == len(micro_batches) - 1)
+            if j == 0 and self.noise is not None and plan.accumulation > 1:
+                # The first micro-batch's own gradient: not yet all-reduced (no_sync), nothing else added.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                self._small_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
         if self.deepspeed:
             self.finish_deepspeed_step(step_loss, valid_targets)
             return
@@ -369,6 +434,8 @@ class Trainer:
         if torch.isfinite(grad_norm):
             self.optimizer.step()
             self._grad_norm = grad_norm
+            if self.noise is not None:
+                self.update_noise_scale(grad_norm, micro_batches[0], valid_targets)
             self._skipped_in_row = 0
             self._loss_sum += step_loss
             self._valid_since_log += valid_targets
@@ -397,6 +464,27 @@ class Trainer:
         else:
             self.skip_step(grad_norm)  # ZeRO found the overflow and dropped the update
         self.step += 1
+
+    def update_noise_scale(self, grad_norm: torch.Tensor, first_micro_batch: list[int], valid_targets: int) -> None:
+        """One step's estimate of the gradient noise scale, from the squared norms of the small batch's
+        gradient (this rank's first micro-batch) and the big batch's (the global batch, after the
+        all-reduce), with batch sizes counted in valid targets since the loss is a mean over them. Kept on
+        the device: it is read back only at log steps."""
+        b_small = self.train_data.valid_targets(first_micro_batch)
+        if not 0 < b_small < valid_targets:
+            return
+        # The gradient of micro-batch 0 as computed is world / valid_targets times its summed loss's
+        # gradient; the small batch's mean gradient is that sum over b_small.
+        scale = valid_targets / (self.world_size * b_small)
+        self._tokens_per_sample = valid_targets / self.plan.global_size
+        self.noise.update(self._small_sq * scale**2, grad_norm.float().square(), b_small, valid_targets)
+
+    def noise_scale_now(self) -> tuple[float | None, float | None]:
+        """(B_simple in samples, in valid tokens): tokens over the mean valid tokens per sample so far."""
+        if self.noise is None or self.noise.grad_sq is None or float(self.noise.grad_sq) <= 0:
+            return None, None
+        tokens = float(self.noise.trace) / float(self.noise.grad_sq)
+        return tokens / self._tokens_per_sample, tokens
 
     def skip_step(self, grad_norm: torch.Tensor) -> None:
         """A non-finite gradient: drop the step (no update), or stop, as ``train.on_nonfinite`` says."""
@@ -474,6 +562,7 @@ class Trainer:
         steps = self.step - self._log_clock[1]
         self.train_time_s += elapsed
         tokens_per_s = steps * plan.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        noise_scale, critical_tokens = self.noise_scale_now()
         record = {
             "step": self.step,
             "samples": self.step * plan.global_size,
@@ -483,9 +572,22 @@ class Trainer:
             "grad_norm": float(self._grad_norm),
             "skipped_steps": self.skipped_steps,
             "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / plan.world_size,
+            "samples_per_s": tokens_per_s / plan.seq_len,
             "step_time_s": elapsed / max(steps, 1),
+            "mfu": mfu(tokens_per_s / plan.world_size, self.flops_per_token, self.peak_flops),
+            "memory_peak_gib": self.memory.peak_so_far() / 2**30,
+            "global_size": plan.global_size,
+            "micro_size": plan.micro_size,
+            "accumulation": plan.accumulation,
+            "world_size": plan.world_size,
+            "noise_scale": noise_scale,
+            "critical_batch_tokens": critical_tokens,
+            # The two moving estimates behind it (per valid token): |G|^2 and tr(Sigma).
+            "noise_grad_sq": None if self.noise is None or self.noise.grad_sq is None else float(self.noise.grad_sq),
+            "noise_trace": None if self.noise is None or self.noise.trace is None else float(self.noise.trace),
         }
-        self.metrics.log(record)
+        self.log(record)
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         if acc.is_main_process:
             self.progress.write(
@@ -511,7 +613,8 @@ class Trainer:
     def log_validation(self) -> None:
         started = time.perf_counter()
         self.last_val_loss = self.evaluate()
-        self.metrics.log({"step": self.step, "samples": self.step * self.plan.global_size, "val_loss": self.last_val_loss})
+        self.log({"step": self.step, "samples": self.step * self.plan.global_size,
+                  "tokens": self.step * self.plan.tokens_per_step, "val_loss": self.last_val_loss})
         if self.accelerator.is_main_process:
             self.progress.write(f"step {self.step:>6}  val_loss {self.last_val_loss:.4f}")
         self._pause_clock(started)
@@ -530,6 +633,9 @@ class Trainer:
             self.log_validation()
             self.save_checkpoint()
         train_losses = [r["loss"] for r in self.metrics.history if "loss" in r]
+        finite_losses = [x for x in train_losses if x == x]
+        mfus = [r["mfu"] for r in self.metrics.history if r.get("mfu") is not None]
+        noise_scale, critical_tokens = self.noise_scale_now()
         summary = {
             "steps": self.step,
             "samples": self.step * plan.global_size,
@@ -550,8 +656,17 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "model": asdict(self.shape),
             "memory": memory,
+            "best_loss": min(finite_losses) if finite_losses else None,
+            "mfu": sum(mfus) / len(mfus) if mfus else None,
+            "memory_peak_gib": self.memory.peak_so_far() / 2**30,
+            "noise_scale": noise_scale,
+            "critical_batch_tokens": critical_tokens,
+            "wandb_run_id": self.wandb_run_id if self.wandb_mode != "off" else None,
         }
         final_weights, _, _ = self.whole_states(with_optimizer=False)
+        if acc.is_main_process and self.wandb_mode in ("online", "offline"):
+            acc.get_tracker("wandb", unwrap=True).summary.update(
+                {f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
         if acc.is_main_process:
             self.save_final_weights(final_weights)
             write_json_atomic(self.run_dir / "summary.json", summary)
@@ -604,3 +719,12 @@ class Trainer:
         tmp = final / "model.safetensors.tmp"
         save_file(state, str(tmp))
         tmp.replace(final / "model.safetensors")
+
+
+def local_norm_hook(trainer, bucket):  # no annotations: DDP checks them against objects, not strings
+    """DDP communication hook: add the squared norm of this rank's gradient bucket (before the
+    all-reduce) to ``trainer._small_sq``, then all-reduce it as DDP does by default."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    trainer._small_sq = trainer._small_sq + torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square()
+    return default_hooks.allreduce_hook(None, bucket)
