@@ -166,6 +166,8 @@ def parity(cfg: Config, steps: int = 30, repeats: int = 3) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("bench parity runs one process; start it with `toolkit bench parity`, not a launcher")
     cfg = copy.deepcopy(cfg)
+    # The plain loop neither logs to W&B nor estimates the noise scale; `toolkit bench tracking` times those.
+    cfg.tracking.wandb, cfg.tracking.noise_scale = False, False
     cfg.train.val_every = 0  # no validation inside run_steps (and finish() is never called)
     cfg.train.progress = False
     cfg.train.debug = False
