@@ -30,8 +30,11 @@ def child_env(wandb: bool = False) -> dict:
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        env.pop(key, None)
+    # Every WANDB_* of this process goes, WANDB_SERVICE above all: wandb.init in the test process (the
+    # tracking bench) sets it, and a child that inherits it shares that process's W&B service, where a
+    # killed child's run id then stays "in use".
+    for key in [k for k in env if k.startswith("WANDB_")]:
+        env.pop(key)
     if not wandb:
         env["WANDB_MODE"] = "disabled"
     return env

@@ -68,3 +68,17 @@ def test_result_adds_up(result):
 def test_default_config_exists():
     cfg = load_config(ROOT / "configs" / "bench-parity.yaml")
     assert (cfg.batch.global_size, cfg.batch.micro_size, cfg.data.seq_len) == (32, 8, 128)
+
+
+def test_tracking_bench_runs_and_tracking_changes_no_weight(monkeypatch):
+    """``toolkit bench tracking``: W&B (offline, in a temporary run.dir) and the noise scale on vs off.
+    Tracking only reads; the final weights of both must be bitwise identical."""
+    from toolkit.bench import tracking_overhead
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    before = sorted(p.name for p in ROOT.iterdir())
+    out = tracking_overhead(load_config(ROOT / "configs" / "bench-parity.yaml", SMALL), steps=4, repeats=1)
+    assert sorted(p.name for p in ROOT.iterdir()) == before, "the bench wrote into the repository"
+    assert out["weights_max_rel_diff"] == 0.0, out["report"]
+    assert len(out["on_tokens_per_s"]) == len(out["off_tokens_per_s"]) == 1 and out["ratio"] > 0
+    assert out["report"].splitlines()[-1] == f"tracking ratio (on / off tokens/s, medians): {out['ratio']:.3f}"
