@@ -32,7 +32,6 @@ benchmark and test set it).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -161,8 +160,23 @@ def _status_kib(field: str) -> int:
 
 
 def resident_bytes() -> int:
-    """This process's resident set now (CPU memory)."""
-    return _status_kib("VmRSS") * 1024
+    """This process's resident set now (CPU memory); 0 where there is no /proc (macOS)."""
+    try:
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return 0
+
+
+def _peak_resident_bytes() -> int:
+    """The peak resident set: VmHWM (resettable), or where there is no /proc the process's lifetime peak."""
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 class PeakMeter:
@@ -193,7 +207,7 @@ class PeakMeter:
     def _peak_now(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return _status_kib("VmHWM") * 1024
+        return _peak_resident_bytes()
 
     def step_begins(self, count_states: bool) -> None:
         """Before a step's first forward: close the previous window and open a new one."""
@@ -219,4 +233,4 @@ class PeakMeter:
     def baseline_now(device: torch.device) -> int:
         if device.type == "cuda":
             return torch.cuda.memory_allocated(device)
-        return resident_bytes() if os.path.exists("/proc/self/status") else 0
+        return resident_bytes()
