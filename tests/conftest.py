@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from toolkit.processes import alive, descendants, kill_tree  # noqa: F401  (tests import them from here)
+from toolkit.processes import alive, descendants, free_port, kill_tree  # noqa: F401  (tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def small_job(global_size: int, steps: int) -> list[str]:
+    """The equivalence tests' job: a nano GPT in fp32 on synthetic documents of random length, unpacked
+    (so samples carry different numbers of valid targets), 32 tokens per sample, a log line every step,
+    no validation until the end."""
+    return [
+        "seed=1337",
+        "model.size=nano",
+        "model.vocab_size=256",
+        "data.source=synthetic",
+        "data.synthetic_tokens=40000",
+        "data.pack=false",
+        "data.seq_len=32",
+        f"batch.global_size={global_size}",
+        f"train.steps={steps}",
+        "train.val_every=0",
+        "train.val_batches=1",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.precision=fp32",
+    ]
 
 
 def child_env(wandb: bool = False) -> dict:

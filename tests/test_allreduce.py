@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, train
+from conftest import read_jsonl, small_job, train
 from safetensors.torch import load_file
 
 PROCESSES = 2
@@ -23,22 +23,9 @@ GLOBAL, MICRO = 16, 2
 ACCUMULATION = GLOBAL // (MICRO * PROCESSES)
 STEPS = 3
 COMMON = [
-    "seed=1337",
-    "model.size=nano",
-    "model.vocab_size=256",
+    *small_job(GLOBAL, STEPS),
     "model.n_embd=128",  # ~0.4M parameters: more than the 1 MiB of DDP's first bucket, so several buckets
-    "data.source=synthetic",
-    "data.synthetic_tokens=40000",
-    "data.pack=false",
-    "data.seq_len=32",
-    f"batch.global_size={GLOBAL}",
     f"batch.micro_size={MICRO}",
-    f"train.steps={STEPS}",
-    "train.val_every=0",
-    "train.val_batches=1",
-    "train.log_every=1",
-    "train.progress=false",
-    "train.precision=fp32",
 ]
 
 

@@ -19,29 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, final_weights, read_jsonl, train
+from conftest import ROOT, final_weights, read_jsonl, small_job, train
 from test_resume_kill import start_and_kill, valid_checkpoints
 
 from toolkit.bench import max_rel_diff
 
-COMMON = [
-    "seed=1337",
-    "model.size=nano",
-    "model.vocab_size=256",
-    "data.source=synthetic",
-    "data.synthetic_tokens=40000",
-    "data.pack=false",
-    "data.seq_len=32",
-    "batch.global_size=8",
-    "batch.micro_size=2",
-    "train.steps=5",
-    "train.val_every=0",
-    "train.val_batches=1",
-    "train.log_every=1",
-    "train.progress=false",
-    "train.precision=fp32",
-    "checkpoint.every_steps=0",
-]
+COMMON = [*small_job(8, 5), "batch.micro_size=2", "checkpoint.every_steps=0"]
 TOL = 1e-4
 NORM_TOL = 1e-5
 # mode -> (extra overrides, launch file or None for launch/cpu.yaml)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import final_weights, read_jsonl, train
+from conftest import final_weights, read_jsonl, small_job, train
 
 from toolkit.bench import max_rel_diff
 
@@ -34,23 +34,7 @@ TOL = 1e-5
 # rate in these 5 steps is small (1.5e-5 .. 7.5e-5). Adam turns the rounding noise of near-zero gradient
 # elements into steps of the learning rate's size; at the full rate from step 1 (optim.warmup_samples=0)
 # that measured 3.9e-5 in blocks.0.mlp.0.weight after 5 steps, with the warmup ~1e-6.
-COMMON = [
-    "seed=1337",
-    "model.size=nano",
-    "model.vocab_size=256",
-    "data.source=synthetic",
-    "data.synthetic_tokens=40000",
-    "data.pack=false",
-    "data.seq_len=32",
-    f"batch.global_size={GLOBAL}",
-    f"train.steps={STEPS}",
-    "train.val_every=0",
-    "train.val_batches=1",
-    "train.log_every=1",
-    "train.progress=false",
-    "train.precision=fp32",
-    "run.record_samples=true",
-]
+COMMON = [*small_job(GLOBAL, STEPS), "run.record_samples=true"]
 # name -> (processes, micro size); accumulation = GLOBAL / (micro x processes)
 SPLITS = {
     "1x8x1": (1, 8),

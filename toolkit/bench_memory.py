@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from toolkit.config import ConfigError
-from toolkit.processes import run_tree
+from toolkit.processes import free_port, run_tree
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_mode(config: Path, overrides: list[str], mode: str, processes: int, run_dir: Path, timeout: float = 900) -> dict:
@@ -33,7 +26,7 @@ def run_mode(config: Path, overrides: list[str], mode: str, processes: int, run_
     stage = [] if mode == "ddp" else [f"deepspeed.stage={mode}"]
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch" / "cpu.yaml"), "--num_processes", str(processes),
-           "--main_process_port", str(_free_port()), str(ROOT / "train.py"), "--config", str(config), *overrides,
+           "--main_process_port", str(free_port()), str(ROOT / "train.py"), "--config", str(config), *overrides,
            f"run.dir={run_dir}", "checkpoint.resume=never", *stage]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")

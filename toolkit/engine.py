@@ -11,7 +11,6 @@ gets NCCL as usual.
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +20,7 @@ from toolkit import zero
 from toolkit.batch import make_plan
 from toolkit.config import Config, ConfigError
 from toolkit.model import shape_from_config
+from toolkit.processes import free_port
 
 
 def wants_cpu(cfg: Config) -> bool:
@@ -72,10 +72,7 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
     if "WORLD_SIZE" not in os.environ:
         # `python train.py deepspeed.stage=N`: DeepSpeed always runs in a process group; give it one of
         # one process, as its own launcher would.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world_size = int(os.environ["WORLD_SIZE"])
     plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, world_size, cfg.data.seq_len)
     launched_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")

@@ -43,7 +43,7 @@ from toolkit.batch import BatchPlan, make_plan
 from toolkit.config import Config, ConfigError, to_yaml
 from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches, validation_batches
 from toolkit.engine import build_accelerator
-from toolkit.memory import PeakMeter, activation_bytes, predict
+from toolkit.memory import PeakMeter, predict_for_config
 from toolkit.metrics import NoiseScale, mfu, peak_flops
 from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups
 from toolkit.schedule import lr_at
@@ -93,12 +93,10 @@ class Trainer:
         # The parameters in the optimizer's order, and its groups: what a checkpoint's optimizer.pt indexes.
         self.ordered_params = [p for group in optimizer.param_groups for p in group["params"]]
         self.optimizer_layout = zero.remember_groups(optimizer)
-        self.memory_plan = predict(
-            sum(p.numel() for p in self.ordered_params), self.world_size, cfg.deepspeed.stage,
-            bf16=acc.mixed_precision == "bf16",
-            activations=activation_bytes(self.plan.micro_size, cfg.data.seq_len, self.shape.n_layer, self.shape.n_embd,
-                                         self.shape.vocab_size, 2 if acc.mixed_precision == "bf16" else 4),
-            offload_optimizer=cfg.deepspeed.offload_optimizer, offload_params=cfg.deepspeed.offload_params,
+        ds = cfg.deepspeed
+        self.memory_plan = predict_for_config(
+            cfg, sum(p.numel() for p in self.ordered_params), self.world_size, acc.mixed_precision == "bf16",
+            ds.stage, ds.offload_optimizer, ds.offload_params,
         )
         self.step = 0  # optimizer steps done; also the sampler's position
         self.skipped_steps = 0  # steps dropped for a non-finite gradient, in total
@@ -128,9 +126,8 @@ class Trainer:
             # One micro-step per step: DDP all-reduces inside backward, so the local gradient's norm is
             # taken in a communication hook, from each bucket before it is all-reduced.
             self.model.register_comm_hook(self, local_norm_hook)
-        device_name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
-        self.device_name = device_name
-        self.peak_flops = peak_flops(device_name, acc.mixed_precision)
+        self.device_name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
+        self.peak_flops = peak_flops(self.device_name, acc.mixed_precision)
         self.wandb_mode = "off"
 
         self.lr = 0.0
@@ -336,7 +333,8 @@ class Trainer:
         model_state = self.plain_model.state_dict() if main else None
         return model_state, self.optimizer.state_dict() if (with_optimizer and main) else None, finite
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> dict | None:
+        """Write a checkpoint; returns the whole model state it wrote (on the main process, None elsewhere)."""
         started, acc, main = time.perf_counter(), self.accelerator, self.accelerator.is_main_process
         model_state, optimizer_state, finite = self.whole_states(with_optimizer=True)
         if not finite:
@@ -357,6 +355,7 @@ class Trainer:
         if main:
             checkpoint.prune(self.checkpoint_root, self.cfg.checkpoint.keep, self.step)
         self._pause_clock(started)
+        return model_state
 
     def wandb_config(self) -> dict:
         """The W&B run's config: the resolved run config, the batch plan, the hardware and the versions."""
@@ -629,9 +628,10 @@ class Trainer:
         # Every rank knows this from the checkpoint alone, so all of them take the same branch.
         if self.step == self.first_step and self.last_val_loss is not None:
             self.main_print(f"step {self.step} was already done and validated; writing the final files only")
+            final_weights, _, _ = self.whole_states(with_optimizer=False)  # a collective under ZeRO
         else:
             self.log_validation()
-            self.save_checkpoint()
+            final_weights = self.save_checkpoint()  # the weights it gathered are the final ones
         train_losses = [r["loss"] for r in self.metrics.history if "loss" in r]
         finite_losses = [x for x in train_losses if x == x]
         mfus = [r["mfu"] for r in self.metrics.history if r.get("mfu") is not None]
@@ -663,7 +663,6 @@ class Trainer:
             "critical_batch_tokens": critical_tokens,
             "wandb_run_id": self.wandb_run_id if self.wandb_mode != "off" else None,
         }
-        final_weights, _, _ = self.whole_states(with_optimizer=False)
         if acc.is_main_process and self.wandb_mode in ("online", "offline"):
             acc.get_tracker("wandb", unwrap=True).summary.update(
                 {f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
