@@ -6,6 +6,10 @@ On a machine without CUDA the toolkit chooses the CPU path itself: ``Accelerator
 ``python train.py`` gives a single process. ``cpu=True`` makes Accelerate ignore DeepSpeed, so a
 DeepSpeed run on CPU instead asks for a gloo process group (``InitProcessGroupKwargs``); with CUDA it
 gets NCCL as usual.
+
+DeepSpeed is told the same device choice (``DS_ACCELERATOR``) before anything imports it: Accelerate
+imports it in every run where it is installed (``unwrap_model`` looks for a ``DeepSpeedEngine``), and
+left to guess, DeepSpeed warns "Setting accelerator to CPU" in every CPU run, plain ones included.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # cuBLAS needs this workspace setting before the first CUDA call to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    if on_cpu:
+        # Read once, at DeepSpeed's first get_accelerator(); a user's own setting stands.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if zero.enabled(cfg):
         return build_deepspeed_accelerator(cfg, on_cpu)
     # gradient_accumulation_steps stays 1: the trainer accumulates itself (explicit no_sync and its own
@@ -89,11 +96,15 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
     if on_cpu:
-        # DeepSpeed picks its own accelerator; on a machine without CUDA that is its CPU accelerator.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        zero.cache_numa_topology()
+    # gradient_accumulation_steps is the plan's, as in the DeepSpeed config: Accelerate sets its own
+    # count to DeepSpeed's in prepare() anyway (and warns about the mismatch when they differ). It is
+    # used only by accelerator.accumulate() and accelerator.backward(), which the trainer does not call
+    # under DeepSpeed: it calls engine.backward(scale_wrt_gas=False) and normalises the loss itself.
     return Accelerator(
         log_with=tracker(cfg),
         mixed_precision=mixed_precision(cfg, on_cpu),
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
+        gradient_accumulation_steps=plan.accumulation,
     )

@@ -16,6 +16,7 @@ for every stage. All of these are collectives: every rank must call them, in the
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -102,6 +103,32 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, on_cuda: bool, hidden: int) -
         "steps_per_print": user.get("steps_per_print", 10**9),  # the toolkit logs; DeepSpeed stays quiet
     }
     return config
+
+
+def cache_numa_topology() -> None:
+    """Make DeepSpeed's CPU accelerator look up the NUMA layout once per process instead of at every
+    gradient bucket.
+
+    ``CPU_Accelerator.device_count()`` (called by ZeRO-3 for every bucket it reduce-scatters) runs
+    ``numactl --hardware`` in a subprocess unless ``LOCAL_SIZE`` is set. Starting a subprocess enters
+    ``warnings.catch_warnings()`` (``os.get_exec_path``), which resets every module's record of the
+    warnings already shown, so a warning raised at every bucket is printed at every bucket: a 10-step
+    ZeRO-3-offload run of the default job on 2 CPU processes printed torch's ``all_gather_into_tensor`` /
+    ``reduce_scatter_tensor`` FutureWarnings 3,306 times. Once the layout is cached, Python's default
+    filter shows each warning once per process again (and no process is forked per bucket).
+
+    ``LOCAL_SIZE`` (what DeepSpeed's own launcher sets) is not the fix: with ``LOCAL_SIZE`` equal to the
+    world size DeepSpeed's shared-memory all-reduce creates a 66 MiB /dev/shm segment per rank that it
+    never unlinks. The NUMA layout does not change while a process runs, so the cached answer is the
+    same one DeepSpeed would compute each time.
+    """
+    from deepspeed.utils import numa
+
+    if not hasattr(numa.get_numa_cores, "cache_info"):  # idempotent: several runs in one process
+        numa.get_numa_cores = functools.cache(numa.get_numa_cores)
+    # Asked now, before DeepSpeed's first collective raises its first warning: the one subprocess left
+    # would otherwise reset the record of it at the first gradient bucket, and it would show twice.
+    numa.get_numa_cores()
 
 
 # ------------------------------------------------------------------------------------------ whole states
