@@ -1,11 +1,13 @@
 """Train a model on a global batch stated once.
 
     python train.py                                   # the default job (configs/tiny.yaml), one process
-    python train.py --config configs/tiny.yaml batch.global_size=64 train.steps=50
+    python train.py --config configs/tiny.yaml batch.global_size=64 train.steps=50 run.name=b64
     python train.py --debug                           # one device, deterministic, NaN/Inf checks
     accelerate launch --config_file launch/cpu.yaml train.py   # 2 processes on a CPU-only machine
+    python train.py --help                            # config sections, exit codes, where runs go
 
-Exit codes: 0 done, 2 bad configuration (one line on stderr), 3 non-finite value in debug mode.
+Exit codes: 0 done, 2 bad configuration (one line on stderr), 3 a non-finite value stopped the run,
+4 the disk filled while writing a checkpoint, 75 preempted, 130 interrupted (Ctrl-C).
 """
 
 import sys

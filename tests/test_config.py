@@ -104,7 +104,7 @@ def test_defaults_come_from_tiny_yaml():
     assert cfg.seed == 1337
     assert cfg.run.name == "tiny" and cfg.run.dir is None
     assert cfg.run_dir == Path("runs") / "tiny"
-    assert (cfg.batch.global_size, cfg.batch.micro_size) == (32, 8)
+    assert (cfg.batch.global_size, cfg.batch.micro_size) == (32, 4)
     assert (cfg.data.source, cfg.data.seq_len, cfg.data.pack) == ("stdlib", 128, True)
     assert cfg.model.size == "tiny"
     assert cfg.optim.lr == 3e-3 and cfg.optim.min_lr == 3e-4 and cfg.optim.warmup_samples == 1600
@@ -135,7 +135,7 @@ def test_own_yaml_file_merges_over_dataclass_defaults(tmp_path):
     config.write_text("batch:\n  global_size: 16\ntrain:\n  steps: 5\n")
     cfg = load_config(config, ["train.steps=6"])
     assert cfg.batch.global_size == 16
-    assert cfg.batch.micro_size is None  # not tiny.yaml's 8: that file is not read
+    assert cfg.batch.micro_size is None  # not tiny.yaml's 4: that file is not read
     assert cfg.train.steps == 6
     assert cfg.train.log_every == Config().train.log_every
 
@@ -235,7 +235,7 @@ def test_toolkit_plan_json():
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert {k: plan[k] for k in ("global_size", "micro_size", "accumulation", "world_size", "seq_len", "tokens_per_step")} == {
-        "global_size": 32, "micro_size": 8, "accumulation": 2, "world_size": 2, "seq_len": 128, "tokens_per_step": 4096}
+        "global_size": 32, "micro_size": 4, "accumulation": 4, "world_size": 2, "seq_len": 128, "tokens_per_step": 4096}
     assert {m["mode"] for m in plan["memory_bytes"]} >= {"DDP", "ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3"}
 
     result = toolkit_plan("--config", str(DEFAULT_CONFIG), "--world-size", "8", "--json", "batch.micro_size=null")
@@ -249,9 +249,9 @@ def test_toolkit_plan_table_and_errors():
     assert result.returncode == 0, result.stderr
     assert "accumulation" in result.stdout and "8" in result.stdout and "64" in result.stdout
 
-    # tiny.yaml's micro size 8 on 8 processes needs a global batch of 64.
-    result = toolkit_plan("--world-size", "8", "--json")
-    assert_one_error_line(result, "valid global sizes nearby: 64", "1, 2, 4")
+    # tiny.yaml's micro size 4 on 16 processes needs a global batch of 64.
+    result = toolkit_plan("--world-size", "16", "--json")
+    assert_one_error_line(result, "valid global sizes nearby: 64", "1, 2")
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -74,15 +74,15 @@ def check_default_run(job: dict) -> None:
     assert job["wall"] < ACCEPT_TIMEOUT
     assert "Traceback" not in job["stderr"]
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoints", "config.yaml", "final", "metrics.jsonl", "summary.json"]
+        ".lock", "checkpoints", "config.yaml", "final", "metrics.jsonl", "summary.json"]
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-00000200", "step-00000300"]
     assert "global batch (samples)" in job["stdout"] and "done: 300 steps" in job["stdout"]
 
     # config.yaml: the resolved config with the batch plan.
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["plan"] == {"global_size": 32, "micro_size": 8, "accumulation": 4 // processes,
+    assert config["plan"] == {"global_size": 32, "micro_size": 4, "accumulation": 8 // processes,
                               "world_size": processes, "seq_len": 128, "tokens_per_step": 4096}
-    assert config["batch"] == {"global_size": 32, "micro_size": 8}
+    assert config["batch"] == {"global_size": 32, "micro_size": 4}
     assert config["run"]["dir"] == str(run_dir) and config["train"]["steps"] == 300
 
     # metrics.jsonl: one object per logged step (every 20), plus validation lines (every 100 and at the end).
@@ -102,7 +102,7 @@ def check_default_run(job: dict) -> None:
     s = job["summary"]
     assert SUMMARY_KEYS <= s.keys()
     assert (s["steps"], s["samples"], s["tokens"]) == (300, 9600, 1_228_800)
-    assert (s["world_size"], s["micro_size"], s["accumulation"], s["global_size"]) == (processes, 8, 4 // processes, 32)
+    assert (s["world_size"], s["micro_size"], s["accumulation"], s["global_size"]) == (processes, 4, 8 // processes, 32)
     assert s["tokens_per_s"] > 0
     assert s["final_loss"] == logged[-1]["loss"] and s["val_loss"] == vals[-1]["val_loss"]
 
@@ -128,7 +128,7 @@ def check_final_weights(job: dict) -> None:
     # Recompute the final validation loss from the saved weights.
     cfg = load_config()
     _, val = load_stdlib(cfg)
-    plan = make_plan(32, 8, 1)
+    plan = make_plan(32, 4, 1)
     loss_sum, valid = 0.0, 0
     model.eval()
     with torch.no_grad():

@@ -46,10 +46,10 @@ def memory_bench(config: str | os.PathLike, overrides: list[str], processes: int
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for mode in modes:
             m = run_mode(Path(config), overrides, mode, processes, Path(tmp) / f"run-{mode}")
-            error = (m["predicted_gib"] - m["states_peak_gib"]) / m["states_peak_gib"]
+            error = (m["predicted_gib"] - m["measured_to_update_gib"]) / m["measured_to_update_gib"]
             rows.append({"mode": m["mode"], "predicted_gib": m["predicted_gib"],
                          "predicted_model_states_gib": m["predicted_model_states_gib"],
-                         "measured_gib": m["states_peak_gib"], "measured_with_update_gib": m["peak_gib"],
+                         "measured_gib": m["measured_to_update_gib"], "measured_with_update_gib": m["measured_with_update_gib"],
                          "measured": m["measured"], "relative_error": error})
     lines = [f"memory per device, {processes} processes, config {config} (GiB above the start of the process's "
              f"training; measured: {rows[0]['measured'] if rows else '-'}):",

@@ -12,15 +12,23 @@ The folder is assembled under a temporary name, every file is flushed to disk, a
 into place, so a checkpoint either exists whole or not at all. A checkpoint is valid only when its
 manifest verifies; loading uses ``torch.load(weights_only=True)`` and safetensors, so a file that
 would run code when unpickled is refused.
+
+A full disk is found before writing where possible (rank 0 compares the checkpoint's estimated size
+with the free space) and otherwise when a write fails; either way the temporary folder is removed,
+every rank learns it through ``agree`` and raises the same ``CheckpointWriteError``, and the
+previous checkpoint is untouched. A save killed half-way leaves ``.tmp-step-*`` (or ``.trash-*``)
+behind: ``remove_leftovers`` clears them at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +42,25 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupted or unsafe to load."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full disk): raised on every rank together, the message in
+    one line on rank 0 (naming the free space, the size needed and the checkpoint that is still intact)."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# A short write reaches us as an OSError from Python's own files, but as a RuntimeError from torch.save
+# ("[enforce fail at inline_container.cc:672] . unexpected pos 927680 vs 927572", with no errno) and as
+# a SafetensorError from safetensors ("I/O error: No space left on device (os error 28)").
+DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122",
+                      "unexpected pos", "failed writing file")
+FILE_OVERHEAD = 4096
+"""Bytes added per file to the size estimate: file-system block rounding."""
+TENSOR_OVERHEAD = 512
+"""Bytes added per tensor: safetensors' header entry, or torch.save's zip record and alignment."""
+SMALL_FILES = 64 * 1024
+"""Bytes for state.json and manifest.json (the run config is in state.json)."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -134,6 +161,70 @@ class TrainingState:
     """The W&B run this run logs to: a resumed or requeued run continues the same W&B run."""
     noise_scale: list | None = None
     """The gradient noise scale's moving averages [|G|^2, tr(Sigma)], so that a resumed run goes on with them."""
+    config: dict | None = None
+    """The resolved run config it was trained with: a later command on the run directory is compared to it."""
+    train_time_s: float = 0.0
+    """Wall time of the training steps up to this checkpoint, over all the run's segments."""
+    memory_peaks: list | None = None
+    """Measured peaks so far in bytes [up to the update, with the update (both above the start), whole process]."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the disk or the quota is full."""
+    for _ in range(8):  # the chain of causes, not followed forever
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(m in str(exc) for m in DISK_FULL_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _tensors(obj) -> tuple[int, int]:
+    """Bytes and number of the tensors in a nest of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size(), 1
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else ()
+    total = count = 0
+    for item in items:
+        b, n = _tensors(item)
+        total, count = total + b, count + n
+    return total, count
+
+
+def estimate_bytes(model_state: dict, optimizer_state: dict | None, rng_state: dict, world_size: int = 1) -> int:
+    """The space a checkpoint takes on disk: its tensors' bytes (the model's, tied weights counted as the
+    copies they are stored as, the optimizer's, one RNG file per rank) plus per-tensor and per-file
+    overheads and the small JSON files."""
+    model_bytes, model_tensors = _tensors(model_state)
+    optim_bytes, optim_tensors = _tensors(optimizer_state)
+    rng_bytes, rng_tensors = _tensors(rng_state)
+    return (model_bytes + optim_bytes + (model_tensors + optim_tensors) * TENSOR_OVERHEAD + 4 * FILE_OVERHEAD
+            + world_size * (rng_bytes + rng_tensors * TENSOR_OVERHEAD + FILE_OVERHEAD) + SMALL_FILES)
+
+
+class _NoRoom(Exception):
+    """Rank 0's estimate says the checkpoint does not fit: nothing was written."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _failure_message(root: Path, step: int, needed: int, own_failure: bool) -> str:
+    """Rank 0's one line for a checkpoint that was not written (called after its temporary folder is gone)."""
+    try:
+        free = _mib(shutil.disk_usage(root).free)
+    except OSError:
+        free = "unknown"
+    previous = newest_valid(root, warn=lambda _: None)
+    last = (f"the last checkpoint {previous.name} is intact" if previous is not None
+            else "there is no earlier checkpoint (a rerun starts from step 0)")
+    reason = "the disk is full" if own_failure else "another rank could not write its RNG state there (a full disk?)"
+    return (f"cannot write checkpoint {step_dir(root, step).name} in {root}: {reason} ({free} free, the checkpoint "
+            f"needs about {_mib(needed)}); {last}; free space and run the same command again")
 
 
 def save(
@@ -144,27 +235,70 @@ def save(
     rng_state: dict[str, torch.Tensor],
     state: TrainingState | None,
     rank: int,
-    barrier,
+    barrier: Callable[[], None] | None = None,
+    agree: Callable[[bool], bool] | None = None,
+    world_size: int = 1,
 ) -> Path:
-    """Write a checkpoint collectively. Rank 0 writes the model, optimizer and state; every rank writes
-    its RNG state; rank 0 then writes the manifest and renames the folder into place.
+    """Write a checkpoint collectively. Rank 0 checks that it fits, then writes the model, optimizer and
+    state; every rank writes its RNG state; rank 0 then writes the manifest and renames the folder into
+    place.
 
-    ``barrier()`` must synchronise all ranks (``accelerator.wait_for_everyone``).
+    ``agree(ok)`` must return True on every rank only if every rank passed True (an all-reduce MIN); it is
+    also the synchronisation point between the phases. If any rank's part failed, every rank raises
+    ``CheckpointWriteError`` (rank 0's message names the cause; a rank's own error that is not a full disk
+    is raised as it is), rank 0 having removed the temporary folder. Without ``agree`` (one process, or
+    old callers) ``barrier()`` synchronises and a failure is raised on the rank that met it only.
     """
+    if agree is None:
+        def agree(ok: bool) -> bool:
+            if barrier is not None:
+                barrier()
+            return ok
+
     final = step_dir(root, step)
     tmp = root / f".tmp-step-{step:08d}"
-    if rank == 0:
+    trash = root / f".trash-step-{step:08d}"
+    needed = 0
+    error: BaseException | None = None
+
+    def attempt(action: Callable[[], None]) -> None:
+        nonlocal error
+        if error is None:
+            try:
+                action()
+            except Exception as exc:  # judged below, once every rank has said how it went
+                error = exc
+
+    def agreed() -> None:
+        if agree(error is None):
+            return
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if trash.is_dir() and not final.exists():  # failed between moving the old one aside and the rename
+                os.replace(trash, final)
+        if error is not None and not isinstance(error, _NoRoom) and not is_disk_full(error):
+            raise error  # not a full disk: the error as it is, with its traceback
+        if rank != 0:
+            raise CheckpointWriteError(f"checkpoint {final.name} was not written (rank 0 says why)")
+        raise CheckpointWriteError(_failure_message(root, step, needed, own_failure=error is not None)) from None
+
+    def prepare() -> None:
+        nonlocal needed
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
-        tmp.mkdir(parents=True)
-    barrier()
-    _save_synced(rng_state, tmp / f"rng-rank{rank}.pt")  # each rank flushes its own file
-    if rank == 0:
+        # Old checkpoints are pruned only after this one is in place: it needs its whole size free now.
+        needed = estimate_bytes(model_state, optimizer_state, rng_state, world_size)
+        if needed > shutil.disk_usage(root).free:
+            raise _NoRoom()
+        tmp.mkdir()
+
+    def write_rank0_files() -> None:
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
                   str(tmp / "model.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2))
-    barrier()
-    if rank == 0:
+
+    def commit() -> None:
         for path in tmp.iterdir():  # flush every file before the manifest vouches for them
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
@@ -172,15 +306,42 @@ def save(
         _fsync_dir(tmp)
         # A checkpoint of the same step from an earlier attempt is moved aside first and deleted only
         # after the new one is in place, so a kill at any moment leaves one of the two whole.
-        trash = root / f".trash-step-{step:08d}"
         if final.exists():
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(final, trash)
         os.replace(tmp, final)
         _fsync_dir(root)
         shutil.rmtree(trash, ignore_errors=True)
-    barrier()
+
+    if rank == 0:
+        attempt(prepare)
+    agreed()
+    attempt(lambda: _save_synced(rng_state, tmp / f"rng-rank{rank}.pt"))  # each rank flushes its own file
+    if rank == 0:
+        attempt(write_rank0_files)
+    agreed()
+    if rank == 0:
+        attempt(commit)
+    agreed()
     return final
+
+
+def remove_leftovers(root: Path, say: Callable[[str], None] | None = print) -> list[Path]:
+    """Delete what a failed or killed save left in ``root``: ``.tmp-step-*`` folders (a checkpoint being
+    written) and ``.trash-*`` folders (one being replaced or pruned), which hold disk space and are never
+    resumed from. Call it at the start of a run, on the main process, while no save can be running (under
+    the run directory's lock). Returns the removed paths; ``say`` gets one line per folder."""
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and (path.name.startswith(".tmp-step-") or path.name.startswith(".trash-")):
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            if say is not None:
+                say(f"removed leftover {path} ({_mib(size)}) of an interrupted or failed checkpoint save")
+    return removed
 
 
 def _save_synced(obj, path: Path) -> None:
@@ -212,6 +373,15 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an UnpicklingError names the forbidden global; keep its first line
         raise CheckpointError(f"{path}: refused to load ({str(exc).splitlines()[0]})") from None
+
+
+def read_state(folder: Path) -> TrainingState:
+    """Verify a checkpoint and read its training state only (cheap: no tensors are loaded)."""
+    verify(folder)
+    try:
+        return TrainingState(**json.loads((folder / "state.json").read_text()))
+    except Exception as exc:  # a verified file that still does not parse (written by another version)
+        raise CheckpointError(f"{folder}: cannot read state.json ({str(exc).splitlines()[0]})") from None
 
 
 def load(folder: Path, rank: int) -> tuple[dict, dict, dict | None, TrainingState]:

@@ -1,24 +1,47 @@
-"""Command-line entries: ``train.py`` (training) and ``toolkit`` (plan, bench)."""
+"""Command-line entries: ``train.py`` (training) and ``toolkit`` (plan, bench, config, plot)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import textwrap
 from pathlib import Path
 
+from toolkit import config_doc
 from toolkit.batch import make_plan
 from toolkit.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_DISK_FULL = 4
+"""A checkpoint did not fit on the disk: nothing of it was written, the previous one is intact; free space and
+run the same command again."""
 EXIT_PREEMPTED = 75
 """SIGTERM/SIGUSR1: stopped after a step with a checkpoint; run the same command again (EX_TEMPFAIL)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): stopped after the step in flight with a checkpoint; a second Ctrl-C stops at once."""
 BENCH_PARITY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-parity.yaml"
 BENCH_MEMORY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-memory.yaml"
 DEBUG_STEPS = 20
 """Debug mode runs at most this many steps unless train.steps is given on the command line."""
+
+EXIT_MEANINGS = {
+    0: "done",
+    EXIT_CONFIG: "bad configuration: one line on stderr names the key and what would be valid",
+    EXIT_NONFINITE: "a non-finite value stopped the run (debug mode, train.on_nonfinite=stop, or "
+                    "train.max_skipped skipped steps in a row)",
+    EXIT_DISK_FULL: "the disk filled while writing a checkpoint (the previous checkpoint is intact): free space "
+                    "and run again",
+    EXIT_PREEMPTED: "preempted (SIGTERM or SIGUSR1): stopped after a step with a checkpoint; run the same command "
+                    "again to continue",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C): stopped after a step with a checkpoint (a second Ctrl-C stops at once, "
+                      "without one); run the same command again to continue",
+}
+"""What each exit code of train.py means to the person who ran it, as `python train.py --help` lists them
+(a test checks that every EXIT_* constant is here)."""
 
 
 def _error(message: str, code: int) -> int:
@@ -28,12 +51,101 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-def train_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description="Train with a global batch stated once.")
-    parser.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
+def _end_process_group() -> None:
+    """A run refused or stopped before the trainer closed leaves its process group: end it quietly."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs, and ends each option's help with its default,
+    "(default: 30)", unless the help names it already or there is none to name (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _print_long(text: str) -> None:
+    """Print, and stay quiet when the reader went away early (`toolkit config | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
+
+class _HelpConfig(argparse.Action):
+    """``--help-config [SECTION]``: print every key (of SECTION) with its type, default and documentation,
+    then exit, like ``--help``."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, metavar="SECTION", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            text = config_doc.describe([values] if values else [])
+        except ConfigError as exc:
+            parser.exit(EXIT_CONFIG, f"error: {exc}\n")
+        _print_long(text)
+        parser.exit(0)
+
+
+def _rows(rows: list[tuple[str, str]], indent: int = 2, width: int = 100) -> str:
+    """Two columns, the second wrapped under itself."""
+    first = max(len(a) for a, _ in rows) + 2
+    pad = " " * (indent + first)
+    return "\n".join(textwrap.fill(" ".join(b.split()), width, initial_indent=" " * indent + a.ljust(first),
+                                   subsequent_indent=pad) for a, b in rows)
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The parser of ``train.py``; its ``--help`` ends with the config sections, the exit codes and the
+    files a run writes."""
+    epilog = "\n".join([
+        "config sections (the top-level keys of a --config file; set any key as section.key=value):",
+        _rows(list(config_doc.sections().items())),
+        "  Every key with its type, default and documentation: python train.py --help-config [SECTION];",
+        "  with the values a run would use: toolkit config [SECTION] [--config FILE] [key=value ...].",
+        "",
+        "exit codes:",
+        _rows([(str(code), EXIT_MEANINGS[code]) for code in sorted(EXIT_MEANINGS)]),
+        "  Under accelerate launch these are the ranks' exit codes, which torchrun lists in its failure report.",
+        "",
+        "where runs are written:",
+        "  runs/<run.name>/, or run.dir=DIR; --debug runs go to runs/<run.name>-debug/ unless run.dir is set.",
+        "  Running the same command again continues the run from its newest checkpoint.",
+        _rows([
+            ("config.yaml", "the resolved config and the batch plan (loadable again with --config)"),
+            ("metrics.jsonl", "one JSON object per log step and per validation (toolkit plot RUN_DIR draws them)"),
+            ("summary.json", "the final numbers: loss, val loss, throughput, MFU, memory, noise scale"),
+            ("checkpoints/", "the newest checkpoints (checkpoint.keep), resumed from by checkpoint.resume=auto"),
+            ("wandb/", "the W&B run's files (offline runs: upload them with `wandb sync`)"),
+            ("final/", "the final weights, model.safetensors"),
+        ], indent=4),
+    ])
+    parser = argparse.ArgumentParser(
+        prog="train.py", formatter_class=HelpFormatter, epilog=epilog,
+        description="Train with a global batch stated once: one process here, or several with\n"
+                    "  accelerate launch --config_file launch/cpu.yaml train.py [options] [key=value ...]\n"
+                    "(launch/*.yaml: one GPU, 8 GPUs, DeepSpeed ZeRO stages; see the README).")
+    parser.add_argument("--config", help="YAML run config (default: configs/tiny.yaml); a run's own config.yaml "
+                                         "works too")
     parser.add_argument("--debug", action="store_true",
                         help="one process on the one device, deterministic, stop at the first NaN/Inf, short run")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.global_size=64 train.steps=20")
+    parser.add_argument("--help-config", action=_HelpConfig,
+                        help="print every config key (of SECTION, e.g. batch, or one key, e.g. batch.global_size) "
+                             "with its type, default and documentation, and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. batch.global_size=64 train.steps=20")
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    parser = build_train_parser()
     args = parser.parse_intermixed_args(argv)  # `train.py key=value --debug key=value` works too
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,6 +153,8 @@ def train_main(argv: list[str]) -> int:
             cfg.train.debug = True
             if not any(o.startswith("train.steps=") for o in args.overrides):
                 cfg.train.steps = min(cfg.train.steps, DEBUG_STEPS)
+            if cfg.run.dir is None:  # a debug run never continues (or is refused by) the real run
+                cfg.run.name = f"{cfg.run.name}-debug"
         # The plan is checked against the launcher's world size before any process group exists, and the
         # trainer is imported only then, so that a bad config fails in a fraction of a second.
         plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, int(os.environ.get("WORLD_SIZE", "1")))
@@ -49,16 +163,31 @@ def train_main(argv: list[str]) -> int:
             from toolkit.model import shape_from_config
 
             zero.deepspeed_config(cfg, plan, on_cuda=False, hidden=shape_from_config(cfg).n_embd)
+        from toolkit.checkpoint import CheckpointWriteError
+        from toolkit.rundir import AlreadyFinished
         from toolkit.trainer import NonFiniteError, Preempted, Trainer
 
         try:
             Trainer(cfg).train()
         except NonFiniteError as exc:
             return _error(str(exc), EXIT_NONFINITE)
-        except Preempted:  # the trainer has said so on every rank
-            return EXIT_PREEMPTED
+        except CheckpointWriteError as exc:  # the same on every rank; rank 0 prints it
+            return _error(str(exc), EXIT_DISK_FULL)
+        except Preempted as exc:  # the trainer has said so on every rank
+            return EXIT_INTERRUPTED if exc.signum == signal.SIGINT else EXIT_PREEMPTED
+        except AlreadyFinished as exc:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(exc, flush=True)
+            return 0
     except ConfigError as exc:
         return _error(str(exc), EXIT_CONFIG)
+    except KeyboardInterrupt:  # a Ctrl-C before training began, or a second one during it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("interrupted (Ctrl-C): stopped at once; the run's checkpoints are as they were (run the same "
+                  "command again to continue from the newest)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        _end_process_group()
     return 0
 
 
@@ -104,33 +233,89 @@ def bench_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="toolkit", description="Global-batch training toolkit.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def config_main(args: argparse.Namespace) -> int:
+    names = [a for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a]
+    config_doc.select(names)  # an unknown section is refused before any file is read
+    cfg, source = None, ""
+    if args.config or overrides:
+        cfg = load_config(args.config, overrides)
+        source = " + ".join([str(args.config or "configs/tiny.yaml (the default)"), *overrides])
+    _print_long(config_doc.describe(names, cfg, source))
+    return 0
 
-    p = sub.add_parser("plan", help="show the batch plan for a config and a world size, without training")
+
+def plot_main(args: argparse.Namespace) -> int:
+    from toolkit.plot import PlotError, plot_run
+
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except PlotError as exc:
+        return _error(str(exc), EXIT_CONFIG)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def build_toolkit_parser() -> argparse.ArgumentParser:
+    """The parser of ``toolkit`` and its subcommands; every option's help shows its default."""
+    parser = argparse.ArgumentParser(prog="toolkit", description="Global-batch training toolkit.",
+                                     formatter_class=HelpFormatter,
+                                     epilog="`toolkit COMMAND --help` shows a command's options and their defaults. "
+                                            "Training itself: python train.py --help.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, func) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=summary, description=textwrap.fill(summary[0].upper() + summary[1:] + "."),
+                           formatter_class=HelpFormatter)
+        c.set_defaults(func=func)
+        return c
+
+    p = command("plan", "show the batch plan and the predicted memory for a config and a world size, without "
+                        "training", plan_main)
     p.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
-    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                   help="processes to plan for (default: $WORLD_SIZE, else 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.micro_size=4")
-    p.set_defaults(func=plan_main)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. batch.micro_size=4")
 
-    b = sub.add_parser("bench", help="benchmarks, as ratios against a baseline measured in the same run")
+    b = command("bench", "benchmarks, as ratios against a baseline measured in the same run", bench_main)
     b.add_argument("which", choices=["parity", "memory", "tracking"],
                    help="parity: the toolkit's loop against a plain PyTorch loop; memory: measured against predicted "
                         "memory per device for DDP and ZeRO stages; tracking: W&B and the noise scale on vs off")
-    b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml, configs/bench-memory.yaml)")
+    b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml for parity and tracking, "
+                                    "configs/bench-memory.yaml for memory)")
     b.add_argument("--processes", type=int, default=2, help="memory: processes per run")
     b.add_argument("--stages", default="ddp,0,1,2,3", help="memory: comma-separated modes (ddp or a ZeRO stage)")
-    b.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
-    b.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each loop")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("overrides", nargs="*")
-    b.set_defaults(func=bench_main)
+    b.add_argument("--steps", type=int, default=30, help="parity, tracking: optimizer steps per timed run")
+    b.add_argument("--repeats", type=int, default=3, help="parity, tracking: alternating timed runs of each loop")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the bench's config")
 
+    c = command("config", "every config key with its type, default and documentation; with --config or "
+                          "overrides, also the values a run would use", config_main)
+    c.add_argument("--config", help="YAML run config to resolve (a file from configs/, or a run's config.yaml); "
+                                    "default: none, only the typed defaults are shown (with overrides alone: "
+                                    "configs/tiny.yaml)")
+    c.add_argument("overrides", nargs="*", metavar="SECTION|key=value",
+                   help="sections (batch) or keys (batch.global_size) to show, all if none; and dotted overrides")
+    c.set_defaults(names_allowed=True)
+
+    g = command("plot", "draw a run's curves from its metrics.jsonl as PNG files (no W&B account needed)",
+                plot_main)
+    g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<run.name>, or run.dir)")
+    g.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_toolkit_parser()
     # Overrides may stand before or after options (argparse alone rejects `--config X key=value`).
     args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    names_allowed = getattr(args, "names_allowed", False)  # `toolkit config`: bare words are sections
+    bad = [a for a in extra if a.startswith("-") or ("=" not in a and not names_allowed)
+           or not hasattr(args, "overrides")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]

@@ -59,6 +59,12 @@ class MemoryPlan:
     def total(self) -> float:
         return self.model_states + self.buffers + self.activations
 
+    def summary(self) -> str:
+        """One line whose terms add up to the total (GiB)."""
+        line = (f"{self.total / GIB:.3f} GiB = {self.model_states / GIB:.3f} model states + "
+                f"{self.buffers / GIB:.3f} all-reduce buffers + {self.activations / GIB:.3f} activations")
+        return line + (f"; {self.host / GIB:.3f} GiB offloaded to host memory" if self.host else "")
+
     def as_dict(self) -> dict:
         return {"mode": self.mode, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
                 "model_states": self.model_states, "buffers": self.buffers, "activations": self.activations,
@@ -200,6 +206,7 @@ class PeakMeter:
         self.baseline = baseline  # bytes in use before the model was built (CPU: resident set)
         self.states_peak = 0  # bytes, from the baseline's zero
         self.overall_peak = 0
+        self.earlier_process_peak = 0  # the whole process's peak in the run's earlier segments (absolute)
         self._count_states = False
 
     def _reset(self) -> None:
@@ -230,7 +237,19 @@ class PeakMeter:
 
     def peak_so_far(self) -> int:
         """The highest memory in use at any time since training began (absolute, not above the baseline)."""
-        return max(self.overall_peak + self.baseline, self._peak_now())
+        return max(self.overall_peak + self.baseline, self._peak_now(), self.earlier_process_peak)
+
+    def snapshot(self) -> list[int]:
+        """[peak up to the update, peak with the update (both above the baseline), whole-process peak], bytes:
+        what a checkpoint keeps, so that a resumed run's figures cover its earlier segments too."""
+        states, overall = self.peaks()
+        return [states, overall, self.peak_so_far()]
+
+    def restore(self, states: int, overall: int, process: int) -> None:
+        """Take the peaks of the run's earlier segments (from a checkpoint's ``snapshot``)."""
+        self.states_peak = max(self.states_peak, int(states))
+        self.overall_peak = max(self.overall_peak, int(overall))
+        self.earlier_process_peak = max(self.earlier_process_peak, int(process))
 
     def peaks(self) -> tuple[int, int]:
         """(states_peak, overall peak) in bytes above the baseline."""

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from toolkit import checkpoint, zero
+from toolkit import checkpoint, rundir, zero
 from toolkit.batch import BatchPlan, make_plan
 from toolkit.config import Config, ConfigError, to_yaml
 from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches, validation_batches
@@ -55,15 +55,17 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGUSR1 reached a rank: all ranks stopped after the same step and wrote a checkpoint."""
+    """SIGTERM, SIGUSR1 or a Ctrl-C (SIGINT) reached a rank: all ranks stopped after the same step and wrote
+    a checkpoint."""
 
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(f"preempted by {signal_name}: stopped after step {step} with a checkpoint; "
-                         f"run the same command again to continue")
-        self.step = step
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"preempted by {signal.Signals(signum).name}"
+        super().__init__(f"{what}: stopped after step {step} with a checkpoint; run the same command again to continue")
 
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A Ctrl-C stops like a preemption (after the step in flight, with a checkpoint); a second one stops at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Trainer:
@@ -73,6 +75,11 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world_size = acc.process_index, acc.num_processes
         self.plan: BatchPlan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, self.world_size, cfg.data.seq_len)
+        self.run_dir = cfg.run_dir
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        # Before anything is built or written: this run alone on run.dir, and whether it continues a run.
+        self.lock = self.claim_run_dir()
+        resume_from = self.choose_checkpoint()
 
         self.deepspeed = zero.enabled(cfg)
         # Constructing the first optimizer imports ~70 MB of modules (torch._dynamo); do it now, so that the
@@ -81,7 +88,8 @@ class Trainer:
         memory_baseline = PeakMeter.baseline_now(acc.device)
         model = build_model(cfg)
         self.shape = model.shape
-        self.n_params = num_params(model)
+        self.n_params = num_params(model)  # without position embeddings: the N of 6N FLOPs per token
+        self.n_params_total = num_params(model, exclude_positions=False)
         self.flops_per_token = flops_per_token(model.shape, self.n_params)
         self.train_data, self.val_data = load_data(cfg, model.shape.vocab_size)
         self.sampler = GlobalBatchSampler(len(self.train_data), cfg.batch.global_size, cfg.seed)
@@ -102,8 +110,6 @@ class Trainer:
         self.skipped_steps = 0  # steps dropped for a non-finite gradient, in total
         self._skipped_in_row = 0
         self.last_val_loss: float | None = None
-        self.run_dir = cfg.run_dir
-        self.checkpoint_root = self.run_dir / "checkpoints"
         self.wandb_run_id: str | None = None  # from the checkpoint, or new (8 characters, as W&B makes them)
         # The gradient noise scale needs two batch sizes: one micro-batch on one rank, and the global batch.
         self.noise = (NoiseScale(cfg.tracking.noise_scale_decay)
@@ -113,7 +119,7 @@ class Trainer:
         self._tokens_per_sample = float(cfg.data.seq_len)
         # Weights are restored into the plain model before prepare(): DeepSpeed builds its fp32 shards
         # from them there. The optimizer state follows once it exists.
-        restored = self.load_checkpoint(model)
+        restored = self.load_checkpoint(model, resume_from) if resume_from else None
         # prepare() wraps the model in DDP when there are several processes (or in a DeepSpeed engine),
         # wraps its forward in autocast when mixed precision is on, and compiles it when model.compile is set.
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -122,6 +128,8 @@ class Trainer:
         self.resumed = self.restore_training_state(*restored) if restored else False
         self.wandb_run_id = self.wandb_run_id or secrets.token_hex(4)
         self.memory = PeakMeter(acc.device, memory_baseline)
+        if restored and restored[3].memory_peaks:  # the peaks of the run's earlier segments
+            self.memory.restore(*restored[3].memory_peaks)
         if self.noise is not None and self.plan.accumulation == 1:
             # One micro-step per step: DDP all-reduces inside backward, so the local gradient's norm is
             # taken in a communication hook, from each bucket before it is all-reduced.
@@ -133,13 +141,15 @@ class Trainer:
         self.lr = 0.0
         self.micro_step = 0  # micro-step within the current optimizer step (read by tests' hooks)
         self.metrics: MetricsLog | None = None
-        self.train_time_s = 0.0  # wall time of the training steps (log intervals end at a host sync)
+        # Wall time of the training steps, over all the run's segments (log intervals end at a host sync).
+        self.train_time_s = restored[3].train_time_s if restored else 0.0
         # Running sums since the last log step, kept on the device so that no step waits for the host.
         self._loss_sum = torch.zeros((), device=acc.device)
         self._valid_since_log = 0
         self._grad_norm = torch.zeros((), device=acc.device)
         self._log_clock = (time.perf_counter(), 0)
         self._stop_signal: int | None = None
+        self._interrupts = 0
         self._flag_group = None
 
     # ----------------------------------------------------------------------------------------- run
@@ -154,23 +164,21 @@ class Trainer:
             print(f"stopped: {exc}", file=sys.stderr, flush=True)
             self.close()
             raise
-        except NonFiniteError:
+        except (NonFiniteError, checkpoint.CheckpointWriteError):
             self.close()
             raise
 
     def start(self) -> None:
         acc, cfg = self.accelerator, self.cfg
-        # Every rank creates the directory (a no-op where it exists), so an unwritable run.dir fails on all
-        # ranks alike instead of leaving the others waiting for rank 0.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resumed
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
-            m = self.memory_plan
-            print(f"run directory: {self.run_dir}\n{self.plan.table()}\nmodel: {self.n_params:,} parameters, "
-                  f"{self.shape}\ndevice: {acc.device} ({acc.distributed_type}), precision: {acc.mixed_precision}\n"
-                  f"memory predicted per device ({m.mode}): {m.model_states / 2**30:.3f} GiB model states + "
-                  f"{m.activations / 2**30:.3f} GiB activations", flush=True)
+            precision = "bf16 autocast" if acc.mixed_precision == "bf16" else "fp32"
+            print(f"run directory: {self.run_dir}\n{self.plan.table()}\n"
+                  f"model: {self.n_params_total:,} parameters ({self.n_params:,} without position embeddings: the N "
+                  f"of 6N FLOPs per token), {self.shape}\n"
+                  f"device: {acc.device} ({acc.distributed_type}), precision: {precision}\n"
+                  f"memory predicted per device ({self.memory_plan.mode}): {self.memory_plan.summary()}", flush=True)
         acc.wait_for_everyone()  # config.yaml is written before any rank starts training
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=acc.is_main_process, resumed_step=self.step if resumed else None
@@ -183,7 +191,7 @@ class Trainer:
         self._samples_file = (
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
         )
-        self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in PREEMPTION_SIGNALS}
+        self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         self.first_step = self.step  # where this process started (after a resume, the checkpoint's step)
         self.progress = tqdm(
             total=cfg.train.steps, initial=self.step,
@@ -210,12 +218,20 @@ class Trainer:
             if self.stop_agreed() and not last:
                 if not saved:
                     self.save_checkpoint()
-                raise Preempted(self.step, signal.Signals(self._stop_signal or signal.SIGTERM).name)
+                raise Preempted(self.step, self._stop_signal or signal.SIGTERM)
 
     # ----------------------------------------------------------------------------------------- preemption
     def _on_signal(self, signum, frame) -> None:
-        """Only note the signal: the step in flight finishes, then all ranks agree to stop together."""
+        """Only note the signal: the step in flight finishes, then all ranks agree to stop together. A second
+        Ctrl-C stops at once (the newest checkpoint stays; a save cut short leaves only a temporary folder)."""
+        if signum == signal.SIGINT:
+            self._interrupts += 1  # this rank's own Ctrl-Cs (another rank's reaches it as _stop_signal only)
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
         self._stop_signal = signum
+        if signum == signal.SIGINT and self.accelerator.is_main_process:
+            print("Ctrl-C: stopping after the step in flight, with a checkpoint (Ctrl-C again stops at once)",
+                  file=sys.stderr, flush=True)
 
     def stop_agreed(self) -> bool:
         """True on every rank if a preemption signal reached any rank. A one-number all-reduce per step
@@ -230,14 +246,31 @@ class Trainer:
             self._stop_signal = int(flag.item())  # another rank's signal
         return bool(flag.item())
 
+    def train_time_now(self) -> float:
+        """Wall time of the training steps so far, the steps since the last log line included."""
+        since_log = time.perf_counter() - self._log_clock[0] if self.step > self._log_clock[1] else 0.0
+        return self.train_time_s + since_log
+
     def _pause_clock(self, started: float) -> None:
         """Move the throughput clock past work that is not training (validation, checkpoints)."""
         self._log_clock = (self._log_clock[0] + time.perf_counter() - started, self._log_clock[1])
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def load_checkpoint(self, model: torch.nn.Module) -> tuple | None:
-        """Find the checkpoint to resume from, as ``checkpoint.resume`` says, and load its weights into the
-        plain model. Returns what ``restore_training_state`` needs, or None for a fresh start.
+    def claim_run_dir(self) -> rundir.RunLock | None:
+        """Create run.dir and lock it for this run (the main process holds the lock; every rank learns whether
+        it got it), then remove what a failed or killed checkpoint save left behind."""
+        lock, refusal = rundir.prepare(self.run_dir) if self.accelerator.is_main_process else (None, None)
+        refusal = self.from_main(refusal)
+        if refusal:
+            raise ConfigError(refusal)
+        if lock is not None:  # the main process, under the lock, before anything resumes or saves
+            checkpoint.remove_leftovers(self.checkpoint_root)
+        return lock
+
+    def choose_checkpoint(self) -> tuple[Path, checkpoint.TrainingState] | None:
+        """The checkpoint to resume from, as ``checkpoint.resume`` says, and its training state; None for a
+        fresh start. Refuses a config that is not the checkpointed run's (see toolkit/rundir.py), and raises
+        AlreadyFinished when the run in run.dir is complete. Every rank reads the same files and decides alike.
 
         The world size may differ from the checkpoint's: the plan is re-derived for this run and the step
         number fixes the data order and the LR, so the run continues unchanged. A rank that the checkpoint
@@ -251,21 +284,54 @@ class Trainer:
                     f"checkpoint.resume=never but {self.checkpoint_root} holds checkpoints; use checkpoint.resume=auto "
                     f"to continue that run, or another run.dir"
                 )
-            return False
+            return None
         folder = Path(cfg.resume) if cfg.resume != "auto" else self.agree_on_newest_checkpoint()
         if folder is None:
             return None
         try:
-            model_state, optimizer_state, rng, state = checkpoint.load(folder, self.rank)
+            state = checkpoint.read_state(folder)
         except checkpoint.CheckpointError as exc:
             raise ConfigError(f"checkpoint.resume: {exc}") from None
+        note = None
+        if cfg.resume == "auto":  # this run directory's own run (a path may branch off another run's checkpoint)
+            note = rundir.check_same_run(state.config, self.cfg, state.step, folder, self.run_dir)
         if state.plan["global_size"] != self.plan.global_size:
             raise ConfigError(
                 f"batch.global_size={self.plan.global_size} but checkpoint {folder} was trained with "
                 f"{state.plan['global_size']}; the global batch cannot change within a run"
             )
+        if cfg.resume == "auto":
+            summary = rundir.finished_summary(self.run_dir, state.step, self.cfg.train.steps)
+            if summary is not None:
+                val = summary.get("val_loss")
+                raise rundir.AlreadyFinished(
+                    f"{self.run_dir} is already finished: {state.step} steps"
+                    + (f", val loss {val:.4f}" if isinstance(val, float) else "")
+                    + " (summary.json); nothing to do. Raise train.steps to train it further, or start a new run "
+                      "with run.name=NEW"
+                )
+            if note:
+                self.main_print(note)
+        return folder, state
+
+    def load_checkpoint(self, model: torch.nn.Module, chosen: tuple[Path, checkpoint.TrainingState]) -> tuple:
+        """Load the chosen checkpoint's weights into the plain model; returns what ``restore_training_state``
+        needs."""
+        folder, state = chosen
+        try:
+            model_state, optimizer_state, rng, state = checkpoint.load(folder, self.rank)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"checkpoint.resume: {exc}") from None
         model.load_state_dict(model_state)
         return folder, optimizer_state, rng, state
+
+    def from_main(self, value):
+        """The main process's ``value`` on every rank (a broadcast when there are several)."""
+        if self.world_size > 1:
+            box = [value]
+            torch.distributed.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
 
     def restore_training_state(self, folder: Path, optimizer_state: dict, rng: dict | None,
                                state: checkpoint.TrainingState) -> bool:
@@ -305,10 +371,7 @@ class Trainer:
             elif found:
                 choice = ("error", f"none of the {len(found)} checkpoints in {self.checkpoint_root} verifies; "
                                    f"resume from a path (checkpoint.resume=PATH) or use another run.dir")
-        if self.world_size > 1:
-            box = [choice]
-            torch.distributed.broadcast_object_list(box, src=0)
-            choice = box[0]
+        choice = self.from_main(choice)
         if choice[0] == "error":
             raise ConfigError(choice[1])
         return Path(choice[1]) if choice[0] == "ok" else None
@@ -335,10 +398,22 @@ class Trainer:
 
     def save_checkpoint(self) -> dict | None:
         """Write a checkpoint; returns the whole model state it wrote (on the main process, None elsewhere)."""
-        started, acc, main = time.perf_counter(), self.accelerator, self.accelerator.is_main_process
+        started, main = time.perf_counter(), self.accelerator.is_main_process
         model_state, optimizer_state, finite = self.whole_states(with_optimizer=True)
         if not finite:
             raise NonFiniteError(f"non-finite weights at step {self.step}: not writing a checkpoint")
+
+        def agree(ok: bool) -> bool:
+            # Rank 0's outcome (a full disk) reaches every rank, so that all raise CheckpointWriteError
+            # together instead of waiting for it. A MIN on the gloo group of stop_agreed (CPU, no GPU wait).
+            flag = torch.tensor([int(ok)])
+            if self.world_size > 1:
+                if self._flag_group is None:
+                    gloo = torch.distributed.get_backend() == "gloo"
+                    self._flag_group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._flag_group)
+            return bool(flag.item())
+
         checkpoint.save(
             self.checkpoint_root, self.step,
             model_state=model_state,
@@ -349,8 +424,9 @@ class Trainer:
                 self._skipped_in_row, self.last_val_loss, self.wandb_run_id,
                 None if self.noise is None or self.noise.grad_sq is None
                 else [float(self.noise.grad_sq), float(self.noise.trace)],
+                config=asdict(self.cfg), train_time_s=self.train_time_now(), memory_peaks=self.memory.snapshot(),
             ),
-            rank=self.rank, barrier=acc.wait_for_everyone,
+            rank=self.rank, agree=agree, world_size=self.world_size,
         )
         if main:
             checkpoint.prune(self.checkpoint_root, self.cfg.checkpoint.keep, self.step)
@@ -479,11 +555,29 @@ class Trainer:
         self.noise.update(self._small_sq * scale**2, grad_norm.float().square(), b_small, valid_targets)
 
     def noise_scale_now(self) -> tuple[float | None, float | None]:
-        """(B_simple in samples, in valid tokens): tokens over the mean valid tokens per sample so far."""
-        if self.noise is None or self.noise.grad_sq is None or float(self.noise.grad_sq) <= 0:
+        """(B_simple in samples, in valid tokens): tokens over the mean valid tokens per sample so far; (None,
+        None) while it is not available (``noise_scale_unavailable`` says why)."""
+        if self.noise_scale_unavailable() is not None:
             return None, None
         tokens = float(self.noise.trace) / float(self.noise.grad_sq)
         return tokens / self._tokens_per_sample, tokens
+
+    def noise_scale_unavailable(self) -> str | None:
+        """Why there is no noise scale (yet), or None when there is one. Both smoothed estimates must be
+        positive: their ratio is meaningless otherwise (early on, either can be negative from noise)."""
+        if not self.cfg.tracking.noise_scale:
+            return "tracking.noise_scale=false"
+        if self.deepspeed:
+            return "not computed under DeepSpeed yet"
+        if self.noise is None:
+            return "needs two batch sizes: accumulation > 1 or more than one process"
+        if self.noise.grad_sq is None:
+            return "no step measured yet"
+        if float(self.noise.grad_sq) <= 0:
+            return "the |G|^2 estimate is not positive yet (too few steps, or a batch far below the noise scale)"
+        if float(self.noise.trace) <= 0:
+            return "the tr(Sigma) estimate is not positive yet (too few steps)"
+        return None
 
     def skip_step(self, grad_norm: torch.Tensor) -> None:
         """A non-finite gradient: drop the step (no update), or stop, as ``train.on_nonfinite`` says."""
@@ -648,19 +742,20 @@ class Trainer:
             "micro_size": plan.micro_size,
             "accumulation": plan.accumulation,
             "global_size": plan.global_size,
-            # Throughput of the steps this process ran (a resumed run did not time the earlier ones).
-            "tokens_per_s": (self.step - self.first_step) * plan.tokens_per_step / self.train_time_s
-            if self.train_time_s else 0.0,
+            # Over the whole run, all its segments (a resumed run carries the time of the earlier ones).
+            "tokens_per_s": self.step * plan.tokens_per_step / self.train_time_s if self.train_time_s else None,
             "train_time_s": self.train_time_s,
             "n_params": self.n_params,
+            "n_params_total": self.n_params_total,
             "flops_per_token": self.flops_per_token,
             "model": asdict(self.shape),
             "memory": memory,
             "best_loss": min(finite_losses) if finite_losses else None,
             "mfu": sum(mfus) / len(mfus) if mfus else None,
-            "memory_peak_gib": self.memory.peak_so_far() / 2**30,
+            "memory_peak_gib": memory["process_peak_gib"],
             "noise_scale": noise_scale,
             "critical_batch_tokens": critical_tokens,
+            "noise_scale_unavailable": self.noise_scale_unavailable(),
             "wandb_run_id": self.wandb_run_id if self.wandb_mode != "off" else None,
         }
         if acc.is_main_process and self.wandb_mode in ("online", "offline"):
@@ -669,8 +764,9 @@ class Trainer:
         if acc.is_main_process:
             self.save_final_weights(final_weights)
             write_json_atomic(self.run_dir / "summary.json", summary)
+            speed = f"{summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "no step timed"
             print(f"done: {self.step} steps, final loss {summary['final_loss']:.4f}, "
-                  f"val loss {summary['val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s", flush=True)
+                  f"val loss {summary['val_loss']:.4f}, {speed}", flush=True)
         acc.wait_for_everyone()
         self.close()
         return summary
@@ -686,28 +782,34 @@ class Trainer:
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if self.lock:
+            self.lock.release()
 
     def measured_memory(self) -> dict:
         """Measured peak per device since training began (the largest over the ranks), next to the prediction."""
-        measured = torch.tensor([float(v) for v in self.memory.peaks()], device=self.accelerator.device)
+        measured = torch.tensor([float(v) for v in self.memory.snapshot()], device=self.accelerator.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
         m = self.memory_plan
         result = {
             "mode": m.mode,
             "measured": "cuda_max_allocated" if self.accelerator.device.type == "cuda" else "peak_rss",
-            # Above what was in use before the model was built; 0 when the run had fewer than 2 steps.
-            "states_peak_gib": measured[0].item() / 2**30,
-            "peak_gib": measured[1].item() / 2**30,
-            "predicted_model_states_gib": m.model_states / 2**30,
-            "predicted_activations_gib": m.activations / 2**30,
+            # The two training peaks are above what was in use before the model was built, so they compare
+            # with the prediction; 0 up to the update when the run had fewer than 2 steps.
+            "measured_to_update_gib": measured[0].item() / 2**30,
+            "measured_with_update_gib": measured[1].item() / 2**30,
+            # The whole process (runtime and libraries included), as W&B's memory/peak_gib.
+            "process_peak_gib": measured[2].item() / 2**30,
             "predicted_gib": m.total / 2**30,
+            "predicted_model_states_gib": m.model_states / 2**30,
+            "predicted_buffers_gib": m.buffers / 2**30,
+            "predicted_activations_gib": m.activations / 2**30,
             "predicted_host_gib": m.host / 2**30,
         }
-        self.main_print(f"memory per device ({m.mode}), GiB: predicted {result['predicted_gib']:.3f} "
-                        f"({result['predicted_model_states_gib']:.3f} model states + {result['predicted_activations_gib']:.3f} "
-                        f"activations); measured {result['states_peak_gib']:.3f} up to the optimizer update, "
-                        f"{result['peak_gib']:.3f} with the update")
+        self.main_print(f"memory per device ({m.mode}), GiB: predicted {m.summary()}; measured above the start "
+                        f"{result['measured_to_update_gib']:.3f} up to the optimizer update, "
+                        f"{result['measured_with_update_gib']:.3f} with the update; whole process "
+                        f"{result['process_peak_gib']:.3f}")
         return result
 
     def save_final_weights(self, whole_state: dict) -> None:
