@@ -197,3 +197,24 @@ def test_resume_from_an_explicit_path_and_a_changed_global_batch_is_refused(tmp_
     bad = train([*SMALL, "train.steps=10", "batch.global_size=16", f"run.dir={tmp_path / 'x'}",
                  f"checkpoint.resume={folder}"], check=False)
     assert bad.returncode == 2 and "cannot change within a run" in bad.stderr
+
+
+def test_leftovers_are_put_right_not_lost(tmp_path):
+    """A save killed between its two renames leaves the only whole copy of step N as .trash-step-N (the old
+    one moved aside) or .tmp-step-N (the new one, manifest written): the next start renames it back. A
+    partial folder (no manifest) is removed, and so is a whole copy when step-N exists."""
+    os.replace(write_one(tmp_path, 4), tmp_path / ".trash-step-00000004")
+    os.replace(write_one(tmp_path, 8), tmp_path / ".tmp-step-00000008")
+    partial = tmp_path / ".tmp-step-00000012"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    write_one(tmp_path, 16)
+    (tmp_path / ".trash-step-00000016").mkdir()  # an older copy of a step that is in place
+    said = []
+    removed = checkpoint.remove_leftovers(tmp_path, say=said.append)
+    assert sorted(p.name for p in removed) == [".tmp-step-00000012", ".trash-step-00000016"]
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path)] == [16, 8, 4]
+    for step in (4, 8, 16):
+        checkpoint.verify(checkpoint.step_dir(tmp_path, step))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000008", "step-00000016"]
+    assert sum("recovered" in line for line in said) == 2

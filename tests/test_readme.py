@@ -5,6 +5,7 @@ wins), benchmarks ``--steps 2 --repeats 1``; launch files that need GPUs are che
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -87,4 +88,6 @@ def test_the_readme_commands_run_as_written_in_order(tmp_path):
     assert (clone / "runs" / "tiny-debug" / "summary.json").is_file()
     assert (clone / "runs" / "tiny-b64" / "summary.json").is_file()
     assert (clone / "runs" / "my-tokens" / "summary.json").is_file()
+    two = json.loads((clone / "runs" / "tiny-2proc" / "summary.json").read_text())
+    assert two["world_size"] == 2 and two["accumulation"] == 4
     assert sorted(p.name for p in (clone / "runs" / "tiny" / "plots").iterdir())[:1] == ["loss.png"]

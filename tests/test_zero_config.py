@@ -130,11 +130,11 @@ def test_toolkit_plan_prints_the_memory_plan():
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["n_params"] == 56_870_400 and data["precision"] == "bf16"
+    assert data["n_params_total"] == 56_870_400 and data["precision"] == "bf16"
     by_mode = {m["mode"]: m for m in data["memory_bytes"]}
     states = [by_mode[name]["model_states"] for name in ("ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3")]
     assert states == sorted(states, reverse=True) and len(set(states)) == 4
-    assert states[0] == 16 * data["n_params"]  # 2 + 2 + 12 bytes per parameter
+    assert states[0] == 16 * data["n_params_total"]  # 2 + 2 + 12 bytes per parameter
     table = subprocess.run([PYTHON, "-m", "toolkit.cli", "plan", "--world-size", "4"], capture_output=True, text=True,
                            timeout=120, cwd=ROOT).stdout
     assert "ZeRO-3" in table and "activ" in table

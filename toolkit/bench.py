@@ -103,6 +103,7 @@ def toolkit_run(cfg: Config, steps: int, run_dir: Path) -> tuple[float, float, d
     # and forget Accelerate's process-wide state so that the next Trainer starts as the first did.
     trainer.progress.close()
     trainer.metrics.close()
+    trainer.release()  # signal handlers and the run directory's lock
     trainer.accelerator.end_training()  # finishes the W&B run, if any
     del trainer
     AcceleratorState._reset_state(True)

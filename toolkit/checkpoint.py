@@ -165,8 +165,11 @@ class TrainingState:
     """The resolved run config it was trained with: a later command on the run directory is compared to it."""
     train_time_s: float = 0.0
     """Wall time of the training steps up to this checkpoint, over all the run's segments."""
-    memory_peaks: list | None = None
-    """Measured peaks so far in bytes [up to the update, with the update (both above the start), whole process]."""
+    memory_peaks: dict | None = None
+    """Measured peaks so far: ``setup`` (mode, world size, device, precision, micro-batch) and ``bytes`` [up to
+    the update, with the update (both above the start), whole process], the largest over the ranks."""
+    val_step: int | None = None
+    """The step val_loss was measured at (a run resumed at its final step reports it only if it is that step)."""
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -327,20 +330,34 @@ def save(
 
 
 def remove_leftovers(root: Path, say: Callable[[str], None] | None = print) -> list[Path]:
-    """Delete what a failed or killed save left in ``root``: ``.tmp-step-*`` folders (a checkpoint being
-    written) and ``.trash-*`` folders (one being replaced or pruned), which hold disk space and are never
-    resumed from. Call it at the start of a run, on the main process, while no save can be running (under
-    the run directory's lock). Returns the removed paths; ``say`` gets one line per folder."""
+    """Put right what a failed or killed save left in ``root``: ``.tmp-step-N`` (a checkpoint being written)
+    and ``.trash-step-N`` (one being replaced or pruned). Where ``step-N`` is missing and the folder's
+    manifest verifies, the folder is the only whole copy of step N (a kill between the two renames of a
+    save): it is renamed back to ``step-N``. Everything else is deleted, since it holds disk space and is
+    never resumed from. Call it at the start of a run, on the main process, while no save can be running
+    (under the run directory's lock). Returns the removed paths; ``say`` gets one line per folder."""
     if not root.is_dir():
         return []
     removed = []
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and (path.name.startswith(".tmp-step-") or path.name.startswith(".trash-")):
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-            if say is not None:
-                say(f"removed leftover {path} ({_mib(size)}) of an interrupted or failed checkpoint save")
+    for path in sorted(root.iterdir()):  # .tmp-step-N (the newer copy) before .trash-step-N
+        match = re.match(r"^\.(?:tmp|trash)-(step-\d{8})$", path.name)
+        if not path.is_dir() or not (match or path.name.startswith((".tmp-step-", ".trash-"))):
+            continue
+        final = root / match.group(1) if match else None
+        if final is not None and not final.exists():
+            try:
+                verify(path)
+                os.replace(path, final)
+                if say is not None:
+                    say(f"recovered checkpoint {final} from {path.name}, left whole by an interrupted save")
+                continue
+            except CheckpointError:
+                pass
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        if say is not None:
+            say(f"removed leftover {path} ({_mib(size)}) of an interrupted or failed checkpoint save")
     return removed
 
 
@@ -375,9 +392,11 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path}: refused to load ({str(exc).splitlines()[0]})") from None
 
 
-def read_state(folder: Path) -> TrainingState:
-    """Verify a checkpoint and read its training state only (cheap: no tensors are loaded)."""
-    verify(folder)
+def read_state(folder: Path, verify_first: bool = True) -> TrainingState:
+    """Read a checkpoint's training state only (no tensors are loaded), after verifying the checkpoint unless
+    the caller just did (``verify_first=False``)."""
+    if verify_first:
+        verify(folder)
     try:
         return TrainingState(**json.loads((folder / "state.json").read_text()))
     except Exception as exc:  # a verified file that still does not parse (written by another version)

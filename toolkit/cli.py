@@ -116,8 +116,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         "  Under accelerate launch these are the ranks' exit codes, which torchrun lists in its failure report.",
         "",
         "where runs are written:",
-        "  runs/<run.name>/, or run.dir=DIR; --debug runs go to runs/<run.name>-debug/ unless run.dir is set.",
-        "  Running the same command again continues the run from its newest checkpoint.",
+        "  runs/<run.name>/, or run.dir=DIR; --debug runs go to runs/<run.name>-debug/ (emptied at each debug run)",
+        "  unless run.dir is set. Running the same command again continues the run from its newest checkpoint;",
+        "  a finished run is left as it is, and a command with another config is refused: use run.name=NEW.",
         _rows([
             ("config.yaml", "the resolved config and the batch plan (loadable again with --config)"),
             ("metrics.jsonl", "one JSON object per log step and per validation (toolkit plot RUN_DIR draws them)"),
@@ -168,7 +169,8 @@ def train_main(argv: list[str]) -> int:
         from toolkit.trainer import NonFiniteError, Preempted, Trainer
 
         try:
-            Trainer(cfg).train()
+            # A debug run's own directory starts afresh each time: it checks code, it does not continue.
+            Trainer(cfg, fresh_run_dir=args.debug and cfg.run.dir is None).train()
         except NonFiniteError as exc:
             return _error(str(exc), EXIT_NONFINITE)
         except CheckpointWriteError as exc:  # the same on every rank; rank 0 prints it
@@ -202,7 +204,11 @@ def plan_main(args: argparse.Namespace) -> int:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
     n_params, plans = memory.plans_for_config(cfg, args.world_size, bf16)
     if args.json:
-        print(json.dumps({**plan.as_dict(), "n_params": n_params, "precision": "bf16" if bf16 else "fp32",
+        from toolkit.model import shape_from_config
+
+        shape = shape_from_config(cfg)  # n_params as a run's summary counts it: without position embeddings
+        print(json.dumps({**plan.as_dict(), "n_params": n_params - shape.seq_len * shape.n_embd,
+                          "n_params_total": n_params, "precision": "bf16" if bf16 else "fp32",
                           "memory_bytes": [m.as_dict() for m in plans]}, indent=2))
     else:
         print(plan.table())

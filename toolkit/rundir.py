@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ MAY_CHANGE = (
     "run.",                       # name, dir, record_samples
     "batch.micro_size",           # the split of the global batch
     "train.device", "train.precision", "train.debug", "train.progress",
-    "train.log_every", "train.val_every",
+    "train.log_every", "train.val_every", "train.val_batches",  # what is measured, not what is trained
     "train.on_nonfinite", "train.max_skipped",
     "train.steps",                # checked on its own: raised, it extends the run
     "model.compile",
@@ -63,10 +64,10 @@ def may_change(key: str) -> bool:
 
 
 def differing_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, current value) for each key that may not change within a run and did."""
+    """(key, saved value, current value) for each key that may not change within a run and did. Keys that
+    only one side has (a key added or removed by another version of the toolkit) are not compared."""
     old, new = flat(saved), flat(current)
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if not may_change(k) and old.get(k) != new.get(k)]
+    return [(k, old[k], new[k]) for k in sorted(set(old) & set(new)) if not may_change(k) and old[k] != new[k]]
 
 
 def check_same_run(saved: dict | None, cfg: Config, step: int, checkpoint_dir: Path, run_dir: Path) -> str | None:
@@ -113,10 +114,14 @@ class RunLock:
         self.path = run_dir / LOCK_FILE
         self._file = None
 
-    def acquire(self) -> str | None:
+    def acquire(self, warn=print) -> str | None:
         """Take the lock and record who holds it. Returns None, or the refusal (one line) if another
-        process holds it. Writes nothing when refused."""
-        f = open(self.path, "a+")
+        process holds it. Writes nothing when refused. A file system without locks (Lustre mounted without
+        ``flock``, NFS without lockd) gets a warning, and the run goes on unguarded."""
+        try:
+            f = open(self.path, "a+")
+        except OSError as exc:
+            return f"run.dir {self.path.parent}: cannot open {self.path.name} ({exc.strerror}); choose another run.dir"
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -125,6 +130,10 @@ class RunLock:
             f.close()
             return (f"run.dir {self.path.parent} is in use by another run ({holder}); wait for it to end, or give "
                     f"this run its own directory: run.name=NEW or run.dir=PATH")
+        except OSError as exc:
+            f.close()
+            warn(f"warning: cannot lock {self.path} ({exc.strerror}); nothing stops a second run on this run.dir")
+            return None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -138,7 +147,7 @@ class RunLock:
             self._file = None
 
 
-def prepare(run_dir: Path) -> tuple[RunLock | None, str | None]:
+def prepare(run_dir: Path, warn=print) -> tuple[RunLock | None, str | None]:
     """Create ``run_dir`` and take its lock (main process). Returns (lock, None) or (None, refusal line)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,5 +158,17 @@ def prepare(run_dir: Path) -> tuple[RunLock | None, str | None]:
         return None, (f"run.dir={run_dir} is not a writable directory ({exc.strerror or exc}); choose another with "
                       f"run.dir=PATH or run.name=NAME (runs/NAME)")
     lock = RunLock(run_dir)
-    refusal = lock.acquire()
+    refusal = lock.acquire(warn)
     return (None, refusal) if refusal else (lock, None)
+
+
+def empty(run_dir: Path) -> None:
+    """Remove everything in ``run_dir`` but its lock (a debug run's own directory, which never continues)."""
+    removed = False
+    for path in run_dir.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        removed = True
+    if removed:
+        print(f"debug: starting afresh in {run_dir} (the previous debug run there was removed)", flush=True)

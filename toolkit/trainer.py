@@ -69,7 +69,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, fresh_run_dir: bool = False):
+        """``fresh_run_dir``: empty run.dir first (a debug run's own directory: it never continues)."""
         self.cfg = cfg
         self.accelerator = build_accelerator(cfg)
         acc = self.accelerator
@@ -77,10 +78,18 @@ class Trainer:
         self.plan: BatchPlan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, self.world_size, cfg.data.seq_len)
         self.run_dir = cfg.run_dir
         self.checkpoint_root = self.run_dir / "checkpoints"
+        self._previous_handlers: dict = {}
         # Before anything is built or written: this run alone on run.dir, and whether it continues a run.
-        self.lock = self.claim_run_dir()
-        resume_from = self.choose_checkpoint()
+        self.lock = self.claim_run_dir(fresh_run_dir)
+        try:
+            self.build(self.choose_checkpoint())
+        except BaseException:
+            self.release()  # a refused or failed start leaves the run directory free at once
+            raise
 
+    def build(self, resume_from: tuple[Path, checkpoint.TrainingState] | None) -> None:
+        """The model, data, optimizer and engine, restored from ``resume_from`` when it is set."""
+        cfg, acc = self.cfg, self.accelerator
         self.deepspeed = zero.enabled(cfg)
         # Constructing the first optimizer imports ~70 MB of modules (torch._dynamo); do it now, so that the
         # memory baseline below holds them and the measured peak counts the model's own memory only.
@@ -110,6 +119,7 @@ class Trainer:
         self.skipped_steps = 0  # steps dropped for a non-finite gradient, in total
         self._skipped_in_row = 0
         self.last_val_loss: float | None = None
+        self.last_val_step: int | None = None
         self.wandb_run_id: str | None = None  # from the checkpoint, or new (8 characters, as W&B makes them)
         # The gradient noise scale needs two batch sizes: one micro-batch on one rank, and the global batch.
         self.noise = (NoiseScale(cfg.tracking.noise_scale_decay)
@@ -128,8 +138,11 @@ class Trainer:
         self.resumed = self.restore_training_state(*restored) if restored else False
         self.wandb_run_id = self.wandb_run_id or secrets.token_hex(4)
         self.memory = PeakMeter(acc.device, memory_baseline)
-        if restored and restored[3].memory_peaks:  # the peaks of the run's earlier segments
-            self.memory.restore(*restored[3].memory_peaks)
+        self.memory_setup = (f"{self.memory_plan.mode} on {self.world_size} x {acc.device.type}, "
+                             f"{acc.mixed_precision}, micro {self.plan.micro_size}")
+        earlier = restored[3].memory_peaks if restored else None
+        if earlier and earlier["setup"] == self.memory_setup:  # the peaks of the run's earlier segments
+            self.memory.restore(*earlier["bytes"])  # (under another setup they would not compare)
         if self.noise is not None and self.plan.accumulation == 1:
             # One micro-step per step: DDP all-reduces inside backward, so the local gradient's norm is
             # taken in a communication hook, from each bucket before it is all-reduced.
@@ -149,7 +162,7 @@ class Trainer:
         self._grad_norm = torch.zeros((), device=acc.device)
         self._log_clock = (time.perf_counter(), 0)
         self._stop_signal: int | None = None
-        self._interrupts = 0
+        self._interrupted = False
         self._flag_group = None
 
     # ----------------------------------------------------------------------------------------- run
@@ -173,7 +186,8 @@ class Trainer:
         resumed = self.resumed
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
-            precision = "bf16 autocast" if acc.mixed_precision == "bf16" else "fp32"
+            precision = ("fp32" if acc.mixed_precision != "bf16" else "bf16 (DeepSpeed: bf16 parameters, fp32 master "
+                         "copy)" if self.deepspeed else "bf16 autocast (fp32 parameters)")
             print(f"run directory: {self.run_dir}\n{self.plan.table()}\n"
                   f"model: {self.n_params_total:,} parameters ({self.n_params:,} without position embeddings: the N "
                   f"of 6N FLOPs per token), {self.shape}\n"
@@ -224,11 +238,12 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         """Only note the signal: the step in flight finishes, then all ranks agree to stop together. A second
         Ctrl-C stops at once (the newest checkpoint stays; a save cut short leaves only a temporary folder)."""
-        if signum == signal.SIGINT:
-            self._interrupts += 1  # this rank's own Ctrl-Cs (another rank's reaches it as _stop_signal only)
-            if self._interrupts > 1:
-                raise KeyboardInterrupt
-        self._stop_signal = signum
+        if self._interrupted:
+            # A second Ctrl-C; under `accelerate launch` it reaches the ranks as torchrun's SIGTERM.
+            raise KeyboardInterrupt
+        self._interrupted = signum == signal.SIGINT  # this rank's own (another rank's arrives as _stop_signal)
+        if self._stop_signal is None:
+            self._stop_signal = signum  # the first one names the stop (and the exit code)
         if signum == signal.SIGINT and self.accelerator.is_main_process:
             print("Ctrl-C: stopping after the step in flight, with a checkpoint (Ctrl-C again stops at once)",
                   file=sys.stderr, flush=True)
@@ -256,14 +271,17 @@ class Trainer:
         self._log_clock = (self._log_clock[0] + time.perf_counter() - started, self._log_clock[1])
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def claim_run_dir(self) -> rundir.RunLock | None:
+    def claim_run_dir(self, fresh: bool) -> rundir.RunLock | None:
         """Create run.dir and lock it for this run (the main process holds the lock; every rank learns whether
-        it got it), then remove what a failed or killed checkpoint save left behind."""
-        lock, refusal = rundir.prepare(self.run_dir) if self.accelerator.is_main_process else (None, None)
+        it got it), then put right what a failed or killed checkpoint save left behind (or, ``fresh``,
+        empty it)."""
+        lock, refusal = rundir.prepare(self.run_dir, warn=print) if self.accelerator.is_main_process else (None, None)
         refusal = self.from_main(refusal)
         if refusal:
             raise ConfigError(refusal)
-        if lock is not None:  # the main process, under the lock, before anything resumes or saves
+        if self.accelerator.is_main_process:  # under the lock, before anything resumes or saves
+            if fresh:
+                rundir.empty(self.run_dir)
             checkpoint.remove_leftovers(self.checkpoint_root)
         return lock
 
@@ -287,37 +305,53 @@ class Trainer:
             return None
         folder = Path(cfg.resume) if cfg.resume != "auto" else self.agree_on_newest_checkpoint()
         if folder is None:
+            if cfg.resume == "auto" and (self.run_dir / "summary.json").exists():
+                # A finished run whose checkpoints were deleted: starting again would overwrite its metrics.
+                raise ConfigError(f"{self.run_dir} holds a finished run's summary.json but no checkpoint to continue "
+                                  f"from; start a new run with run.name=NEW or run.dir=PATH")
             return None
+        # The main process judges (the others would read the same files) and every rank follows its verdict,
+        # so that no rank goes on into a collective that another has left.
+        verdict = self.judge_checkpoint(folder) if self.accelerator.is_main_process else None
+        kind, message = self.from_main(verdict)
+        if kind == "refused":
+            raise ConfigError(message)
+        if kind == "finished":
+            raise rundir.AlreadyFinished(message)
+        if message:
+            self.main_print(message)
+        return folder, checkpoint.read_state(folder, verify_first=False)
+
+    def judge_checkpoint(self, folder: Path) -> tuple[str, str | None]:
+        """("resume", a line to print or None), ("refused", why) or ("finished", the line to print)."""
+        resume = self.cfg.checkpoint.resume
         try:
-            state = checkpoint.read_state(folder)
-        except checkpoint.CheckpointError as exc:
-            raise ConfigError(f"checkpoint.resume: {exc}") from None
-        note = None
-        if cfg.resume == "auto":  # this run directory's own run (a path may branch off another run's checkpoint)
-            note = rundir.check_same_run(state.config, self.cfg, state.step, folder, self.run_dir)
-        if state.plan["global_size"] != self.plan.global_size:
-            raise ConfigError(
-                f"batch.global_size={self.plan.global_size} but checkpoint {folder} was trained with "
-                f"{state.plan['global_size']}; the global batch cannot change within a run"
-            )
-        if cfg.resume == "auto":
-            summary = rundir.finished_summary(self.run_dir, state.step, self.cfg.train.steps)
-            if summary is not None:
-                val = summary.get("val_loss")
-                raise rundir.AlreadyFinished(
-                    f"{self.run_dir} is already finished: {state.step} steps"
-                    + (f", val loss {val:.4f}" if isinstance(val, float) else "")
-                    + " (summary.json); nothing to do. Raise train.steps to train it further, or start a new run "
-                      "with run.name=NEW"
+            state = checkpoint.read_state(folder, verify_first=resume != "auto")  # auto's folder is verified
+            note = None
+            if resume == "auto":  # this run directory's own run (a path may branch off another run's checkpoint)
+                note = rundir.check_same_run(state.config, self.cfg, state.step, folder, self.run_dir)
+            if state.plan["global_size"] != self.plan.global_size:
+                raise ConfigError(
+                    f"batch.global_size={self.plan.global_size} but checkpoint {folder} was trained with "
+                    f"{state.plan['global_size']}; the global batch cannot change within a run"
                 )
-            if note:
-                self.main_print(note)
-        return folder, state
+        except checkpoint.CheckpointError as exc:
+            return "refused", f"checkpoint.resume: {exc}"
+        except ConfigError as exc:
+            return "refused", str(exc)
+        summary = rundir.finished_summary(self.run_dir, state.step, self.cfg.train.steps) if resume == "auto" else None
+        if summary is not None:
+            val = summary.get("val_loss")
+            return "finished", (f"{self.run_dir} is already finished: {state.step} steps"
+                                + (f", val loss {val:.4f}" if isinstance(val, float) else "")
+                                + " (summary.json); nothing to do. Raise train.steps to train it further, or start "
+                                  "a new run with run.name=NEW")
+        return "resume", note
 
     def load_checkpoint(self, model: torch.nn.Module, chosen: tuple[Path, checkpoint.TrainingState]) -> tuple:
         """Load the chosen checkpoint's weights into the plain model; returns what ``restore_training_state``
         needs."""
-        folder, state = chosen
+        folder, _ = chosen
         try:
             model_state, optimizer_state, rng, state = checkpoint.load(folder, self.rank)
         except checkpoint.CheckpointError as exc:
@@ -343,7 +377,7 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         self.step = state.step
         self.skipped_steps, self._skipped_in_row = state.skipped_steps, state.skipped_in_row
-        self.last_val_loss = state.val_loss
+        self.last_val_loss, self.last_val_step = state.val_loss, state.val_step
         self.wandb_run_id = state.wandb_run_id
         if self.noise is not None and state.noise_scale is not None:
             self.noise.grad_sq, self.noise.trace = (torch.tensor(v, device=acc.device) for v in state.noise_scale)
@@ -424,7 +458,8 @@ class Trainer:
                 self._skipped_in_row, self.last_val_loss, self.wandb_run_id,
                 None if self.noise is None or self.noise.grad_sq is None
                 else [float(self.noise.grad_sq), float(self.noise.trace)],
-                config=asdict(self.cfg), train_time_s=self.train_time_now(), memory_peaks=self.memory.snapshot(),
+                config=asdict(self.cfg), train_time_s=self.train_time_now(), memory_peaks=self.memory_peaks(),
+                val_step=self.last_val_step,
             ),
             rank=self.rank, agree=agree, world_size=self.world_size,
         )
@@ -705,7 +740,7 @@ class Trainer:
 
     def log_validation(self) -> None:
         started = time.perf_counter()
-        self.last_val_loss = self.evaluate()
+        self.last_val_loss, self.last_val_step = self.evaluate(), self.step
         self.log({"step": self.step, "samples": self.step * self.plan.global_size,
                   "tokens": self.step * self.plan.tokens_per_step, "val_loss": self.last_val_loss})
         if self.accelerator.is_main_process:
@@ -720,7 +755,7 @@ class Trainer:
         # A run resumed from its own final checkpoint (killed while writing final/ or the summary, or
         # simply started again) ran no step: its final validation and checkpoint are already there.
         # Every rank knows this from the checkpoint alone, so all of them take the same branch.
-        if self.step == self.first_step and self.last_val_loss is not None:
+        if self.step == self.first_step and self.last_val_step == self.step:
             self.main_print(f"step {self.step} was already done and validated; writing the final files only")
             final_weights, _, _ = self.whole_states(with_optimizer=False)  # a collective under ZeRO
         else:
@@ -765,16 +800,23 @@ class Trainer:
             self.save_final_weights(final_weights)
             write_json_atomic(self.run_dir / "summary.json", summary)
             speed = f"{summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "no step timed"
-            print(f"done: {self.step} steps, final loss {summary['final_loss']:.4f}, "
-                  f"val loss {summary['val_loss']:.4f}, {speed}", flush=True)
+            final = "none logged" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+            print(f"done: {self.step} steps, final loss {final}, val loss {summary['val_loss']:.4f}, {speed}", flush=True)
         acc.wait_for_everyone()
         self.close()
         return summary
 
-    def close(self) -> None:
-        """Close the run's files and shut the process group down cleanly (also after a stop)."""
+    def release(self) -> None:
+        """Give back what the run holds in this process: the signal handlers and run.dir's lock."""
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
+        self._previous_handlers = {}
+        if self.lock:
+            self.lock.release()
+
+    def close(self) -> None:
+        """Close the run's files and shut the process group down cleanly (also after a stop)."""
+        self.release()
         self.progress.close()
         self.metrics.close()
         if self._samples_file:
@@ -782,24 +824,28 @@ class Trainer:
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        if self.lock:
-            self.lock.release()
 
-    def measured_memory(self) -> dict:
-        """Measured peak per device since training began (the largest over the ranks), next to the prediction."""
+    def memory_peaks(self) -> dict:
+        """The measured peaks so far, the largest over the ranks (a collective), and the setup they were
+        measured in: what a checkpoint keeps."""
         measured = torch.tensor([float(v) for v in self.memory.snapshot()], device=self.accelerator.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
+        return {"setup": self.memory_setup, "bytes": [int(v) for v in measured.tolist()]}
+
+    def measured_memory(self) -> dict:
+        """Measured peak per device since training began (the largest over the ranks), next to the prediction."""
+        measured = [float(v) for v in self.memory_peaks()["bytes"]]
         m = self.memory_plan
         result = {
             "mode": m.mode,
             "measured": "cuda_max_allocated" if self.accelerator.device.type == "cuda" else "peak_rss",
             # The two training peaks are above what was in use before the model was built, so they compare
             # with the prediction; 0 up to the update when the run had fewer than 2 steps.
-            "measured_to_update_gib": measured[0].item() / 2**30,
-            "measured_with_update_gib": measured[1].item() / 2**30,
+            "measured_to_update_gib": measured[0] / 2**30,
+            "measured_with_update_gib": measured[1] / 2**30,
             # The whole process (runtime and libraries included), as W&B's memory/peak_gib.
-            "process_peak_gib": measured[2].item() / 2**30,
+            "process_peak_gib": measured[2] / 2**30,
             "predicted_gib": m.total / 2**30,
             "predicted_model_states_gib": m.model_states / 2**30,
             "predicted_buffers_gib": m.buffers / 2**30,
