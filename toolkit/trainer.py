@@ -237,7 +237,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- preemption
     def _on_signal(self, signum, frame) -> None:
         """Only note the signal: the step in flight finishes, then all ranks agree to stop together. A second
-        Ctrl-C stops at once (the newest checkpoint stays; a save cut short leaves only a temporary folder)."""
+        Ctrl-C stops at once (the newest checkpoint stays; a save cut short is put right at the next start)."""
         if self._interrupted:
             # A second Ctrl-C; under `accelerate launch` it reaches the ranks as torchrun's SIGTERM.
             raise KeyboardInterrupt
