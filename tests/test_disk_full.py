@@ -216,3 +216,24 @@ def test_disk_full_is_recognised_in_every_form():
     assert checkpoint.is_disk_full(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert not checkpoint.is_disk_full(PermissionError(errno.EACCES, "Permission denied"))
     assert not checkpoint.is_disk_full(RuntimeError("something else"))
+
+
+def test_full_disk_at_the_final_files_keeps_the_final_checkpoint_and_the_rerun_finishes(small_disk):
+    """The final checkpoint fits (9.7 MiB on 12 MiB), final/model.safetensors (3.4 MiB) does not: one line,
+    exit 4, nothing half-written; with space freed the same command writes the final files only."""
+    disk = small_disk("12m")
+    run_dir = disk / "run"
+    config = [*RUN, "checkpoint.every_steps=0", "batch.micro_size=8", f"run.dir={run_dir}"]
+    result = train(config, timeout=150, check=False)
+    assert result.returncode == EXIT_DISK_FULL, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "cannot write the final files" in lines[0] and "step-00000006 is intact" in lines[0]
+    checkpoint.verify(run_dir / "checkpoints" / "step-00000006")
+    assert not (run_dir / "summary.json").exists() and not list(run_dir.rglob("*.tmp"))
+
+    remount(disk, "64m")
+    again = train(config, timeout=150)
+    assert "writing the final files only" in again.stdout and "done: 6 steps" in again.stdout
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert (run_dir / "summary.json").is_file()

@@ -28,6 +28,7 @@ import contextlib
 import importlib.metadata
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -253,10 +254,7 @@ class Trainer:
         on a gloo group (the CPU), so that it never waits for the GPU."""
         flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)])
         if self.world_size > 1:
-            if self._flag_group is None:
-                gloo = torch.distributed.get_backend() == "gloo"
-                self._flag_group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.flag_group())
         if flag.item() and self._stop_signal is None:
             self._stop_signal = int(flag.item())  # another rank's signal
         return bool(flag.item())
@@ -265,6 +263,21 @@ class Trainer:
         """Wall time of the training steps so far, the steps since the last log line included."""
         since_log = time.perf_counter() - self._log_clock[0] if self.step > self._log_clock[1] else 0.0
         return self.train_time_s + since_log
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank only if every rank says ``ok``: how a write that failed on one rank (a full disk)
+        reaches the others, so that all stop together instead of waiting for it."""
+        flag = torch.tensor([int(ok)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.flag_group())
+        return bool(flag.item())
+
+    def flag_group(self):
+        """The process group for one-number agreements: gloo, on the CPU, so that they never wait for the GPU."""
+        if self._flag_group is None:
+            gloo = torch.distributed.get_backend() == "gloo"
+            self._flag_group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
+        return self._flag_group
 
     def _pause_clock(self, started: float) -> None:
         """Move the throughput clock past work that is not training (validation, checkpoints)."""
@@ -437,17 +450,6 @@ class Trainer:
         if not finite:
             raise NonFiniteError(f"non-finite weights at step {self.step}: not writing a checkpoint")
 
-        def agree(ok: bool) -> bool:
-            # Rank 0's outcome (a full disk) reaches every rank, so that all raise CheckpointWriteError
-            # together instead of waiting for it. A MIN on the gloo group of stop_agreed (CPU, no GPU wait).
-            flag = torch.tensor([int(ok)])
-            if self.world_size > 1:
-                if self._flag_group is None:
-                    gloo = torch.distributed.get_backend() == "gloo"
-                    self._flag_group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._flag_group)
-            return bool(flag.item())
-
         checkpoint.save(
             self.checkpoint_root, self.step,
             model_state=model_state,
@@ -461,7 +463,7 @@ class Trainer:
                 config=asdict(self.cfg), train_time_s=self.train_time_now(), memory_peaks=self.memory_peaks(),
                 val_step=self.last_val_step,
             ),
-            rank=self.rank, agree=agree, world_size=self.world_size,
+            rank=self.rank, agree=self.all_ok, world_size=self.world_size,
         )
         if main:
             checkpoint.prune(self.checkpoint_root, self.cfg.checkpoint.keep, self.step)
@@ -796,9 +798,10 @@ class Trainer:
         if acc.is_main_process and self.wandb_mode in ("online", "offline"):
             acc.get_tracker("wandb", unwrap=True).summary.update(
                 {f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        failure = self.write_final_files(final_weights, summary) if acc.is_main_process else None
+        if not self.all_ok(failure is None):
+            raise checkpoint.CheckpointWriteError(failure or "the final files were not written (rank 0 says why)")
         if acc.is_main_process:
-            self.save_final_weights(final_weights)
-            write_json_atomic(self.run_dir / "summary.json", summary)
             speed = f"{summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "no step timed"
             final = "none logged" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
             print(f"done: {self.step} steps, final loss {final}, val loss {summary['val_loss']:.4f}, {speed}", flush=True)
@@ -857,6 +860,23 @@ class Trainer:
                         f"{result['measured_with_update_gib']:.3f} with the update; whole process "
                         f"{result['process_peak_gib']:.3f}")
         return result
+
+    def write_final_files(self, final_weights: dict, summary: dict) -> str | None:
+        """final/model.safetensors and summary.json (main process). Returns None, or the one line to print when
+        the disk filled (what was half-written is removed; the final checkpoint, written before, is whole)."""
+        try:
+            self.save_final_weights(final_weights)
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            return None
+        except Exception as exc:
+            if not checkpoint.is_disk_full(exc):
+                raise
+        for tmp in (self.run_dir / "final" / "model.safetensors.tmp", self.run_dir / "summary.json.tmp"):
+            tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(self.run_dir).free / 2**20
+        return (f"cannot write the final files (final/model.safetensors, summary.json) in {self.run_dir}: the disk is "
+                f"full ({free:.1f} MiB free); the final checkpoint step-{self.step:08d} is intact; free space and run the "
+                f"same command again (it writes the final files only)")
 
     def save_final_weights(self, whole_state: dict) -> None:
         """A plain state dict in safetensors, whole under every ZeRO stage; tied weights are stored as copies."""
