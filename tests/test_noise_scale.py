@@ -70,3 +70,5 @@ def test_terms_need_two_different_batch_sizes():
     with pytest.raises(ValueError, match="b_small < b_big"):
         noise_scale_terms(1.0, 0.5, 8, 8)
     assert NoiseScale().value is None
+    assert NoiseScale(grad_sq=1.0, trace=-1.17).value is None  # a ratio of terms not yet positive is no estimate
+    assert NoiseScale(grad_sq=2.0, trace=64.0).value == 32.0

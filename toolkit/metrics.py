@@ -38,21 +38,22 @@ class NoiseScale:
     grad_sq: float | None = None
     trace: float | None = None
 
-    def update(self, small_sq: float, big_sq: float, b_small: float, b_big: float) -> float | None:
-        """Add one step's norms; return the current B_simple (None until |G|^2 is positive)."""
+    def update(self, small_sq: float, big_sq: float, b_small: float, b_big: float) -> None:
+        """Add one step's norms. Nothing is returned: the terms may be device tensors, and reading the ratio
+        back every step would make each step wait for the device (``value`` reads it when asked)."""
         grad_sq, trace = noise_scale_terms(small_sq, big_sq, b_small, b_big)
         if self.grad_sq is None:
             self.grad_sq, self.trace = grad_sq, trace
         else:
             self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * grad_sq
             self.trace = self.decay * self.trace + (1 - self.decay) * trace
-        return self.value
 
     @property
     def value(self) -> float | None:
-        if self.grad_sq is None or self.grad_sq <= 0:
+        """B_simple, or None until both smoothed terms are positive (their ratio means nothing before)."""
+        if self.grad_sq is None or self.grad_sq <= 0 or self.trace <= 0:
             return None
-        return self.trace / self.grad_sq
+        return float(self.trace / self.grad_sq)
 
 
 # Dense bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets (without sparsity), matched as

@@ -88,7 +88,7 @@ class Trainer:
             self.release()  # a refused or failed start leaves the run directory free at once
             raise
 
-    def build(self, resume_from: tuple[Path, checkpoint.TrainingState] | None) -> None:
+    def build(self, resume_from: Path | None) -> None:
         """The model, data, optimizer and engine, restored from ``resume_from`` when it is set."""
         cfg, acc = self.cfg, self.accelerator
         self.deepspeed = zero.enabled(cfg)
@@ -298,10 +298,10 @@ class Trainer:
             checkpoint.remove_leftovers(self.checkpoint_root)
         return lock
 
-    def choose_checkpoint(self) -> tuple[Path, checkpoint.TrainingState] | None:
-        """The checkpoint to resume from, as ``checkpoint.resume`` says, and its training state; None for a
-        fresh start. Refuses a config that is not the checkpointed run's (see toolkit/rundir.py), and raises
-        AlreadyFinished when the run in run.dir is complete. Every rank reads the same files and decides alike.
+    def choose_checkpoint(self) -> Path | None:
+        """The checkpoint folder to resume from, as ``checkpoint.resume`` says; None for a fresh start. Refuses a
+        config that is not the checkpointed run's (see toolkit/rundir.py), and raises AlreadyFinished when the
+        run in run.dir is complete. The main process decides; every rank follows its verdict.
 
         The world size may differ from the checkpoint's: the plan is re-derived for this run and the step
         number fixes the data order and the LR, so the run continues unchanged. A rank that the checkpoint
@@ -333,7 +333,7 @@ class Trainer:
             raise rundir.AlreadyFinished(message)
         if message:
             self.main_print(message)
-        return folder, checkpoint.read_state(folder, verify_first=False)
+        return folder
 
     def judge_checkpoint(self, folder: Path) -> tuple[str, str | None]:
         """("resume", a line to print or None), ("refused", why) or ("finished", the line to print)."""
@@ -361,10 +361,9 @@ class Trainer:
                                   "a new run with run.name=NEW")
         return "resume", note
 
-    def load_checkpoint(self, model: torch.nn.Module, chosen: tuple[Path, checkpoint.TrainingState]) -> tuple:
+    def load_checkpoint(self, model: torch.nn.Module, folder: Path) -> tuple:
         """Load the chosen checkpoint's weights into the plain model; returns what ``restore_training_state``
         needs."""
-        folder, _ = chosen
         try:
             model_state, optimizer_state, rng, state = checkpoint.load(folder, self.rank)
         except checkpoint.CheckpointError as exc:
@@ -449,7 +448,6 @@ class Trainer:
         model_state, optimizer_state, finite = self.whole_states(with_optimizer=True)
         if not finite:
             raise NonFiniteError(f"non-finite weights at step {self.step}: not writing a checkpoint")
-
         checkpoint.save(
             self.checkpoint_root, self.step,
             model_state=model_state,
@@ -596,7 +594,7 @@ class Trainer:
         None) while it is not available (``noise_scale_unavailable`` says why)."""
         if self.noise_scale_unavailable() is not None:
             return None, None
-        tokens = float(self.noise.trace) / float(self.noise.grad_sq)
+        tokens = float(self.noise.value)
         return tokens / self._tokens_per_sample, tokens
 
     def noise_scale_unavailable(self) -> str | None:
