@@ -84,7 +84,7 @@ def test_every_exit_code_constant_is_explained():
 def test_help_config_section_prints_keys_defaults_and_docstrings():
     result = run([PYTHON, "train.py", "--help-config", "batch"], timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "batch.global_size: int = 32" in result.stdout.splitlines()
+    assert "batch.global_size: int | full = 32" in result.stdout.splitlines()
     doc = field_docs(Config.__dataclass_fields__["batch"].default_factory)["global_size"]
     assert "Samples per optimizer step" in doc and flat(doc) in flat(result.stdout)
     assert "batch.micro_size: int | None = null" in result.stdout

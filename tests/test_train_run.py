@@ -81,8 +81,9 @@ def check_default_run(job: dict) -> None:
     # config.yaml: the resolved config with the batch plan.
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["plan"] == {"global_size": 32, "micro_size": 4, "accumulation": 8 // processes,
-                              "world_size": processes, "seq_len": 128, "tokens_per_step": 4096}
-    assert config["batch"] == {"global_size": 32, "micro_size": 4}
+                              "world_size": processes, "seq_len": 128, "ragged": False, "tokens_per_step": 4096}
+    assert config["batch"] == {"global_size": 32, "micro_size": 4,
+                               "ramp": {"start": None, "increment": None, "samples": 0}}
     assert config["run"]["dir"] == str(run_dir) and config["train"]["steps"] == 300
 
     # metrics.jsonl: one object per logged step (every 20), plus validation lines (every 100 and at the end).

@@ -90,7 +90,7 @@ def test_config_holds_plan_hardware_versions_and_x_axes(two_process_run):
         if r["type"] in ("run", "config"):
             config.update((r["run"]["config"] if r["type"] == "run" else r["config"]).get("update", {}))
     assert config["plan"] == {"global_size": 32, "micro_size": 4, "accumulation": 4, "world_size": 2, "seq_len": 128,
-                              "tokens_per_step": 4096}
+                              "ragged": False, "tokens_per_step": 4096}
     assert config["hardware"]["device"] == "cpu" and config["hardware"]["device_count"] == 2
     assert config["hardware"]["nodes"] == 1
     assert {"torch", "accelerate", "deepspeed", "wandb"} <= set(config["versions"])

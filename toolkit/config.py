@@ -37,14 +37,35 @@ class RunConfig:
 
 
 @dataclass
+class RampConfig:
+    start: int | None = None
+    """Global batch size of the first step; null (the default): no ramp. In the spirit of Megatron-LM's
+    ``--rampup-batch-size START INCREMENT SAMPLES``: the batch grows from ``start`` by ``increment`` in even
+    steps of consumed samples, reaching batch.global_size after ``samples`` samples. Every size must be a
+    multiple of batch.micro_size x world size (the accumulation follows the ramp)."""
+
+    increment: int | None = None
+    """Samples added to the global batch at each stage of the ramp; must divide global_size - start."""
+
+    samples: int = 0
+    """Training samples over which the batch ramps up to batch.global_size."""
+
+
+@dataclass
 class BatchConfig:
-    global_size: int = 32
+    global_size: int | str = 32
     """Samples per optimizer step, summed over all processes and micro-steps. The number that shapes the
-    optimisation; everything below is a hardware detail derived from it."""
+    optimisation; everything below is a hardware detail derived from it. ``full``: the whole training split
+    every step (full-batch gradient descent, through accumulation)."""
 
     micro_size: int | None = None
-    """Samples per process per forward/backward. Unset: global_size / world_size (no accumulation).
-    The accumulation steps are global_size / (micro_size * world_size) and must be a whole number."""
+    """Samples per process per forward/backward. Unset: global_size / world_size (no accumulation; under a
+    ramp the largest size that divides every ramp step). The accumulation steps are global_size /
+    (micro_size * world_size) and must be a whole number (``full`` is cut into near-equal micro-batches of at
+    most micro_size when the split's size does not divide)."""
+
+    ramp: RampConfig = field(default_factory=RampConfig)
+    """A batch-size warmup (see batch.ramp.start)."""
 
 
 @dataclass
@@ -132,7 +153,19 @@ class OptimConfig:
     """Linear warmup length in samples (not steps), so changing the GPU count changes nothing."""
 
     decay_samples: int | None = None
-    """Cosine decay ends after this many samples. Unset: train.steps * batch.global_size."""
+    """Cosine decay ends after this many samples. Unset: the samples of train.steps steps."""
+
+    schedule: str = "cosine"
+    """``cosine``: warmup, then cosine decay to min_lr. ``constant``: warmup, then the peak LR to the end
+    (what a batch-size study uses, so that steps-to-target compares like with like at every batch size)."""
+
+    lr_scaling: str = "none"
+    """How the peak LR (and min_lr) follows the global batch: ``none``, ``linear`` (lr x B / B_ref, Goyal et
+    al. 2017, for SGD) or ``sqrt`` (lr x sqrt(B / B_ref), Malladi et al. 2022, for Adam), where B_ref is
+    optim.reference_batch. Under a ramp, B is batch.global_size (the size after the ramp)."""
+
+    reference_batch: int | None = None
+    """The global batch (samples) at which optim.lr was tuned; required by lr_scaling linear or sqrt."""
 
 
 @dataclass
@@ -166,6 +199,10 @@ class TrainConfig:
 
     max_skipped: int = 5
     """With on_nonfinite=skip: stop (exit 3) after this many skipped steps in a row."""
+
+    stop_val_loss: float | None = None
+    """Stop after the first validation whose loss is at or below this value (a batch-size study's target):
+    the run finishes there as if train.steps had been reached (summary.json says stopped_at_target)."""
 
     progress: bool = True
     """Show a tqdm progress bar on the main process when stderr is a terminal (log lines are printed
@@ -260,6 +297,8 @@ CHOICES = {
     "train.device": ("auto", "cuda", "cpu"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.on_nonfinite": ("skip", "stop"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
 
 
@@ -366,7 +405,16 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.val_every >= 0, f"train.val_every={cfg.train.val_every} must be >= 0 (0: only at the end)")
     _require(cfg.train.max_skipped >= 1, f"train.max_skipped={cfg.train.max_skipped} must be >= 1")
     _require(cfg.train.val_batches > 0, f"train.val_batches={cfg.train.val_batches} must be >= 1")
-    _require(cfg.batch.global_size > 0, f"batch.global_size={cfg.batch.global_size} must be a positive number of samples")
+    size = cfg.batch.global_size
+    _require(size == "full" or (isinstance(size, int) and size > 0),
+             f"batch.global_size={size} must be a positive number of samples, or full (the whole training split)")
+    ramp = cfg.batch.ramp
+    _require(ramp.start is None or (ramp.increment is not None and ramp.samples > 0),
+             f"batch.ramp.start={ramp.start} needs batch.ramp.increment and batch.ramp.samples (> 0) too")
+    # The ramp against global_size, micro_size and the world size is checked by toolkit/batch.py.
+    o = cfg.optim
+    _require(o.lr_scaling == "none" or (o.reference_batch is not None and o.reference_batch > 0),
+             f"optim.lr_scaling={o.lr_scaling} needs optim.reference_batch: the global batch at which optim.lr was tuned")
     micro = cfg.batch.micro_size
     _require(micro is None or micro > 0, f"batch.micro_size={micro} must be a positive number of samples")
     # micro_size against global_size and the world size is checked by the batch plan (toolkit/batch.py).

@@ -65,6 +65,10 @@ def attribute_docs(obj) -> dict[str, str]:
     return docs
 
 
+TYPE_SHOWN = {"batch.global_size": "int | full"}
+"""Keys whose annotation is wider than what they accept (``int | str``: a number, or the word ``full``)."""
+
+
 def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -88,6 +92,7 @@ def keys(cls=Config, prefix: str = "") -> list[Key]:
             out.extend(keys(nested, f"{prefix}{f.name}."))
         else:
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            type_name = TYPE_SHOWN.get(f"{prefix}{f.name}", type_name)
             out.append(Key(f"{prefix}{f.name}", type_name, _default(f), docs.get(f.name, "")))
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.batch import BatchPlan
+from toolkit.batch import FULL, BatchPlan
 from toolkit.config import Config, ConfigError
 
 IGNORE = -100
@@ -175,7 +175,7 @@ def load_data(cfg: Config, vocab_size: int) -> tuple[Samples, Samples]:
         check_token_ids(val, vocab_size, cfg.data.val_path or cfg.data.path)
     else:
         train, val = load_synthetic(cfg, vocab_size)
-    if len(train) < cfg.batch.global_size:
+    if cfg.batch.global_size != FULL and len(train) < cfg.batch.global_size:
         raise ConfigError(
             f"data: the training split has {len(train)} samples of data.seq_len={cfg.data.seq_len}, fewer than "
             f"batch.global_size={cfg.batch.global_size}; use a smaller global size or more data"
@@ -187,12 +187,14 @@ def load_data(cfg: Config, vocab_size: int) -> tuple[Samples, Samples]:
 
 @dataclass
 class GlobalBatchSampler:
-    """Which samples each optimizer step uses: a function of (seed, epoch, step) only.
+    """Which samples each optimizer step uses: a function of the seed and the samples consumed only.
 
-    Epoch e is a permutation of all samples drawn from a generator seeded with ``(seed, e)``; it is
-    cut into ``len // global_size`` global batches (the remainder is dropped, so no sample repeats
-    within an epoch). Step k is ``epoch = k // steps_per_epoch``. The sampler keeps no position of its
-    own: the step number is the position, which makes resuming exact.
+    The training samples are read as one endless stream of epochs. Epoch e is a permutation of all
+    samples drawn from a generator seeded with ``(seed, e)``, of which the first ``len // global_size``
+    whole global batches are used (the remainder is dropped, so no sample repeats within an epoch). A
+    step takes the next ``size`` samples of the stream: step k of a run without a batch ramp is
+    ``epoch = k // steps_per_epoch``. The sampler keeps no position of its own: the samples consumed
+    (a function of the step) are the position, which makes resuming exact.
     """
 
     num_samples: int
@@ -205,6 +207,7 @@ class GlobalBatchSampler:
             raise ConfigError(
                 f"batch.global_size={self.global_size} is larger than the dataset ({self.num_samples} samples)"
             )
+        self.epoch_length = self.steps_per_epoch * self.global_size  # samples of an epoch that are used
         self._epoch, self._order = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -215,21 +218,34 @@ class GlobalBatchSampler:
             self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator)
         return self._order
 
+    def take(self, start: int, count: int) -> list[int]:
+        """The sample indices at positions ``start .. start + count - 1`` of the stream (a batch-size ramp's
+        step may run over the end of an epoch into the next)."""
+        indices: list[int] = []
+        while count > 0:
+            epoch, offset = divmod(start, self.epoch_length)
+            taken = min(count, self.epoch_length - offset)
+            indices += self._permutation(epoch)[offset : offset + taken].tolist()
+            start, count = start + taken, count - taken
+        return indices
+
     def global_batch(self, step: int) -> list[int]:
-        """The ``global_size`` sample indices of optimizer step ``step`` (0-based)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = self._permutation(epoch)
-        return order[k * self.global_size : (k + 1) * self.global_size].tolist()
+        """The ``global_size`` sample indices of optimizer step ``step`` (0-based) of a run without a ramp."""
+        return self.take(step * self.global_size, self.global_size)
 
 
 def rank_micro_batches(global_batch: list[int], plan: BatchPlan, rank: int) -> list[list[int]]:
     """The slice of a global batch that ``rank`` computes, cut into ``plan.accumulation`` micro-batches.
 
-    Rank r takes the contiguous block ``[r * per_rank, (r + 1) * per_rank)``; any disjoint split gives
-    the same gradient, this one keeps each rank's reads contiguous.
+    The batch is cut into ``accumulation x world`` contiguous pieces of equal size (``micro_size`` each when
+    the batch is ``micro x accumulation x world``; otherwise, a full batch that does not divide, sizes differing
+    by at most one) and rank r takes pieces ``r * accumulation ..``: a contiguous block, so each rank's reads
+    stay contiguous. Any disjoint split gives the same gradient.
     """
-    block = global_batch[rank * plan.per_rank : (rank + 1) * plan.per_rank]
-    return [block[j * plan.micro_size : (j + 1) * plan.micro_size] for j in range(plan.accumulation)]
+    pieces = plan.accumulation * plan.world_size
+    cuts = [len(global_batch) * i // pieces for i in range(pieces + 1)]
+    mine = range(rank * plan.accumulation, (rank + 1) * plan.accumulation)
+    return [global_batch[cuts[i] : cuts[i + 1]] for i in mine]
 
 
 def validation_batches(val: Samples, plan: BatchPlan, count: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
 from toolkit import zero
-from toolkit.batch import make_plan
+from toolkit.batch import plan_for_config
 from toolkit.config import Config, ConfigError
 from toolkit.model import shape_from_config
 from toolkit.processes import free_port
@@ -46,7 +46,7 @@ def tracker(cfg: Config) -> str | None:
     return None if off else "wandb"
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def build_accelerator(cfg: Config, train_samples: int | None = None) -> Accelerator:
     on_cpu = wants_cpu(cfg)
     if cfg.train.debug:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -58,7 +58,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # Read once, at DeepSpeed's first get_accelerator(); a user's own setting stands.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if zero.enabled(cfg):
-        return build_deepspeed_accelerator(cfg, on_cpu)
+        return build_deepspeed_accelerator(cfg, on_cpu, train_samples)
     # gradient_accumulation_steps stays 1: the trainer accumulates itself (explicit no_sync and its own
     # loss normalisation), so Accelerate must not divide the loss a second time. Precision and compilation
     # come from the run config, not from a launch file: the same run config gives the same run anywhere.
@@ -71,7 +71,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     )
 
 
-def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
+def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, train_samples: int | None = None) -> Accelerator:
     """Accelerate with a DeepSpeed plugin whose config is written from the batch plan (DeepSpeed asserts
     train_batch_size == micro x accumulation x world, so nothing is left as "auto")."""
     if cfg.model.compile:
@@ -81,7 +81,13 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool) -> Accelerator:
         # one process, as its own launcher would.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world_size = int(os.environ["WORLD_SIZE"])
-    plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, world_size, cfg.data.seq_len)
+    if cfg.batch.ramp.start is not None:  # DeepSpeed's accumulation boundary is fixed at engine start
+        raise ConfigError("batch.ramp is not supported with deepspeed.stage yet (DeepSpeed fixes the accumulation "
+                          "steps when it starts); use plain DDP (deepspeed.stage=null) for a batch-size ramp")
+    plan = plan_for_config(cfg, world_size, train_samples)
+    if plan.ragged:
+        raise ConfigError(f"batch.global_size=full with DeepSpeed needs the training split ({plan.global_size} samples) "
+                          f"to be a multiple of batch.micro_size x world size ({plan.micro_size} x {world_size})")
     launched_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
     if launched_accumulation != "auto" and int(launched_accumulation) != plan.accumulation:
         raise ConfigError(

@@ -135,20 +135,21 @@ def table(plans: list[MemoryPlan], n_params: int, world_size: int, note: str = "
 
 
 def predict_for_config(cfg, n_params: int, world_size: int, bf16: bool, stage: int | None,
-                       offload_optimizer: bool = False, offload_params: bool = False) -> MemoryPlan:
-    """``predict`` for this config's built-in model and batch plan (activations of its micro-batch)."""
-    from toolkit.batch import make_plan
+                       offload_optimizer: bool = False, offload_params: bool = False, plan=None) -> MemoryPlan:
+    """``predict`` for this config's built-in model and batch plan (activations of its micro-batch); ``plan``
+    when the caller has it (``batch.global_size: full`` needs the data's size to make one)."""
+    from toolkit.batch import plan_for_config
     from toolkit.model import shape_from_config
 
     shape = shape_from_config(cfg)
-    plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, world_size, cfg.data.seq_len)
+    plan = plan or plan_for_config(cfg, world_size)
     act = activation_bytes(plan.micro_size, cfg.data.seq_len, shape.n_layer, shape.n_embd, shape.vocab_size,
                            2 if bf16 else 4)
     return predict(n_params, world_size, stage, bf16=bf16, activations=act, offload_optimizer=offload_optimizer,
                    offload_params=offload_params)
 
 
-def plans_for_config(cfg, world_size: int, bf16: bool) -> tuple[int, list[MemoryPlan]]:
+def plans_for_config(cfg, world_size: int, bf16: bool, plan=None) -> tuple[int, list[MemoryPlan]]:
     """The built-in model's parameter count (built on the meta device: no memory, no time) and the
     predicted memory of DDP and every ZeRO stage for this config's batch plan."""
     from toolkit.model import GPT, shape_from_config
@@ -161,7 +162,7 @@ def plans_for_config(cfg, world_size: int, bf16: bool) -> tuple[int, list[Memory
     ds = cfg.deepspeed
     if (ds.stage, ds.offload_optimizer, ds.offload_params) not in modes:
         modes.append((ds.stage, ds.offload_optimizer, ds.offload_params))
-    return n_params, [predict_for_config(cfg, n_params, world_size, bf16, *mode) for mode in modes]
+    return n_params, [predict_for_config(cfg, n_params, world_size, bf16, *mode, plan=plan) for mode in modes]
 
 
 # ------------------------------------------------------------------------------------------ measured

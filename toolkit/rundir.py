@@ -37,6 +37,7 @@ MAY_CHANGE = (
     "train.log_every", "train.val_every", "train.val_batches",  # what is measured, not what is trained
     "train.on_nonfinite", "train.max_skipped",
     "train.steps",                # checked on its own: raised, it extends the run
+    "train.stop_val_loss",        # where the run stops, not how it trains: lowered, it extends a run stopped there
     "model.compile",
     "checkpoint.",                # cadence, how many to keep, where to resume from
     "deepspeed.",                 # ZeRO checkpoints are whole: any stage (or DDP) resumes any other
@@ -95,16 +96,19 @@ def check_same_run(saved: dict | None, cfg: Config, step: int, checkpoint_dir: P
     return None
 
 
-def finished_summary(run_dir: Path, step: int, steps: int) -> dict | None:
-    """The run's summary if the run is complete: its checkpoint at ``train.steps`` and summary.json written
-    for that step (a run killed between the final checkpoint and the summary is not complete)."""
-    if step != steps:
-        return None
+def finished_summary(run_dir: Path, step: int, steps: int, stop_val_loss: float | None = None) -> dict | None:
+    """The run's summary if the run is complete: its checkpoint at ``train.steps`` (or at the validation that
+    reached ``train.stop_val_loss``) and summary.json written for that step (a run killed between the final
+    checkpoint and the summary is not complete)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("steps") == step else None
+    if summary.get("steps") != step:
+        return None
+    at_target = (stop_val_loss is not None and summary.get("stopped_at_target")
+                 and isinstance(summary.get("val_loss"), float) and summary["val_loss"] <= stop_val_loss)
+    return summary if step == steps or at_target else None
 
 
 class RunLock:

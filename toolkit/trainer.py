@@ -40,13 +40,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from toolkit import checkpoint, rundir, zero
-from toolkit.batch import BatchPlan, make_plan
+from toolkit.batch import BatchPlan, make_plan, peak_lrs, schedule_for_config
 from toolkit.config import Config, ConfigError, to_yaml
 from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches, validation_batches
 from toolkit.engine import build_accelerator
 from toolkit.memory import PeakMeter, predict_for_config
 from toolkit.metrics import NoiseScale, mfu, peak_flops
-from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups
+from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups, shape_from_config
 from toolkit.schedule import lr_at
 from toolkit.tracking import WANDB_NAMES, MetricsLog, start_wandb, write_json_atomic
 
@@ -73,10 +73,14 @@ class Trainer:
     def __init__(self, cfg: Config, fresh_run_dir: bool = False):
         """``fresh_run_dir``: empty run.dir first (a debug run's own directory: it never continues)."""
         self.cfg = cfg
-        self.accelerator = build_accelerator(cfg)
+        # The data first: ``batch.global_size: full`` is the training split's size.
+        self.train_data, self.val_data = load_data(cfg, shape_from_config(cfg).vocab_size)
+        self.accelerator = build_accelerator(cfg, len(self.train_data))
         acc = self.accelerator
         self.rank, self.world_size = acc.process_index, acc.num_processes
-        self.plan: BatchPlan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, self.world_size, cfg.data.seq_len)
+        # The plan of a full-size step, and the size of every step (they differ only during a batch ramp).
+        self.plan, self.batches = schedule_for_config(cfg, self.world_size, len(self.train_data))
+        self._step_plans = {self.plan.global_size: self.plan}
         self.run_dir = cfg.run_dir
         self.checkpoint_root = self.run_dir / "checkpoints"
         self._previous_handlers: dict = {}
@@ -101,8 +105,7 @@ class Trainer:
         self.n_params = num_params(model)  # without position embeddings: the N of 6N FLOPs per token
         self.n_params_total = num_params(model, exclude_positions=False)
         self.flops_per_token = flops_per_token(model.shape, self.n_params)
-        self.train_data, self.val_data = load_data(cfg, model.shape.vocab_size)
-        self.sampler = GlobalBatchSampler(len(self.train_data), cfg.batch.global_size, cfg.seed)
+        self.sampler = GlobalBatchSampler(len(self.train_data), self.plan.global_size, cfg.seed)
 
         o = cfg.optim
         optimizer = torch.optim.AdamW(
@@ -114,7 +117,7 @@ class Trainer:
         ds = cfg.deepspeed
         self.memory_plan = predict_for_config(
             cfg, sum(p.numel() for p in self.ordered_params), self.world_size, acc.mixed_precision == "bf16",
-            ds.stage, ds.offload_optimizer, ds.offload_params,
+            ds.stage, ds.offload_optimizer, ds.offload_params, plan=self.plan,
         )
         self.step = 0  # optimizer steps done; also the sampler's position
         self.skipped_steps = 0  # steps dropped for a non-finite gradient, in total
@@ -135,7 +138,9 @@ class Trainer:
         # wraps its forward in autocast when mixed precision is on, and compiles it when model.compile is set.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.plain_model = acc.unwrap_model(self.model, keep_torch_compile=False)  # for eval, checks, saving
-        self.decay_samples = o.decay_samples or cfg.train.steps * cfg.batch.global_size
+        self.decay_samples = o.decay_samples or self.batches.samples_before(cfg.train.steps)
+        self.peak_lr, self.min_lr = peak_lrs(cfg, self.plan.global_size)  # after optim.lr_scaling
+        self.stopped_at_target = False
         self.resumed = self.restore_training_state(*restored) if restored else False
         self.wandb_run_id = self.wandb_run_id or secrets.token_hex(4)
         self.memory = PeakMeter(acc.device, memory_baseline)
@@ -171,7 +176,8 @@ class Trainer:
         """The whole run: write the config, train ``train.steps`` steps, validate, save, summarise."""
         self.start()
         try:
-            self.run_steps(self.cfg.train.steps - self.step)
+            if not self.reached_target():  # (a run resumed where it had already reached it has nothing to train)
+                self.run_steps(self.cfg.train.steps - self.step)
             return self.finish()
         except Preempted as exc:
             # Said at once, on every rank: a launcher may end the other ranks as soon as one exits.
@@ -189,7 +195,14 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
             precision = ("fp32" if acc.mixed_precision != "bf16" else "bf16 (DeepSpeed: bf16 parameters, fp32 master "
                          "copy)" if self.deepspeed else "bf16 autocast (fp32 parameters)")
-            print(f"run directory: {self.run_dir}\n{self.plan.table()}\n"
+            ramp = cfg.batch.ramp
+            ramp_line = ("" if not self.batches.ramp_sizes else
+                         f"batch ramp: {ramp.start} -> {self.plan.global_size} by {ramp.increment} over {ramp.samples:,} "
+                         f"samples ({len(self.batches.ramp_sizes)} steps; the accumulation follows)\n")
+            lr_line = ("" if cfg.optim.lr_scaling == "none" else
+                       f"peak LR {self.peak_lr:.3g} = optim.lr {cfg.optim.lr:g} scaled by the {cfg.optim.lr_scaling} rule "
+                       f"from optim.reference_batch {cfg.optim.reference_batch} to {self.plan.global_size}\n")
+            print(f"run directory: {self.run_dir}\n{self.plan.table()}\n{ramp_line}{lr_line}"
                   f"model: {self.n_params_total:,} parameters ({self.n_params:,} without position embeddings: the N "
                   f"of 6N FLOPs per token), {self.shape}\n"
                   f"device: {acc.device} ({acc.distributed_type}), precision: {precision}\n"
@@ -227,6 +240,8 @@ class Trainer:
                 self.log_train()
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and not last:
                 self.log_validation()
+                if self.reached_target():
+                    return
             saved = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not last
             if saved:
                 self.save_checkpoint()
@@ -234,6 +249,18 @@ class Trainer:
                 if not saved:
                     self.save_checkpoint()
                 raise Preempted(self.step, self._stop_signal or signal.SIGTERM)
+
+    def reached_target(self) -> bool:
+        """True when the validation at this step is at or below ``train.stop_val_loss``: the run ends here. The
+        validation loss is all-reduced, so every rank decides alike."""
+        target = self.cfg.train.stop_val_loss
+        if target is None or self.last_val_step != self.step or self.last_val_loss > target:
+            return False
+        if not self.stopped_at_target:
+            self.main_print(f"step {self.step}: val loss {self.last_val_loss:.4f} <= train.stop_val_loss={target}: "
+                            f"target reached, finishing the run here")
+        self.stopped_at_target = True
+        return True
 
     # ----------------------------------------------------------------------------------------- preemption
     def _on_signal(self, signum, frame) -> None:
@@ -352,12 +379,16 @@ class Trainer:
             return "refused", f"checkpoint.resume: {exc}"
         except ConfigError as exc:
             return "refused", str(exc)
-        summary = rundir.finished_summary(self.run_dir, state.step, self.cfg.train.steps) if resume == "auto" else None
+        summary = (rundir.finished_summary(self.run_dir, state.step, self.cfg.train.steps, self.cfg.train.stop_val_loss)
+                   if resume == "auto" else None)
         if summary is not None:
             val = summary.get("val_loss")
+            further = ("Lower train.stop_val_loss" if summary.get("stopped_at_target") and state.step < self.cfg.train.steps
+                       else "Raise train.steps")
             return "finished", (f"{self.run_dir} is already finished: {state.step} steps"
                                 + (f", val loss {val:.4f}" if isinstance(val, float) else "")
-                                + " (summary.json); nothing to do. Raise train.steps to train it further, or start "
+                                + (" (stopped at its target)" if summary.get("stopped_at_target") else "")
+                                + f" (summary.json); nothing to do. {further} to train it further, or start "
                                   "a new run with run.name=NEW")
         return "resume", note
 
@@ -454,7 +485,7 @@ class Trainer:
             optimizer_state=optimizer_state,
             rng_state=checkpoint.rng_state(),
             state=checkpoint.TrainingState(
-                self.step, self.step * self.plan.global_size, self.plan.as_dict(), self.skipped_steps,
+                self.step, self.batches.samples_before(self.step), self.plan.as_dict(), self.skipped_steps,
                 self._skipped_in_row, self.last_val_loss, self.wandb_run_id,
                 None if self.noise is None or self.noise.grad_sq is None
                 else [float(self.noise.grad_sq), float(self.noise.trace)],
@@ -506,14 +537,17 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step over one global batch."""
         cfg, plan = self.cfg, self.plan
-        global_batch = self.sampler.global_batch(self.step)
+        # The step's samples: the next ones of the data stream (seed and samples consumed only).
+        size = self.batches.size(self.step)  # the global size, or less during a batch ramp
+        step_plan = self.step_plan(size)
+        global_batch = self.sampler.take(self.batches.samples_before(self.step), size)
         valid_targets = self.train_data.valid_targets(global_batch)  # the whole global batch's count
-        micro_batches = rank_micro_batches(global_batch, plan, self.rank)
+        micro_batches = rank_micro_batches(global_batch, step_plan, self.rank)
         if self._samples_file:
             self._samples_file.write(f'{{"step": {self.step}, "indices": {sum(micro_batches, [])}}}\n')
 
-        samples_done = (self.step + 1) * plan.global_size
-        lr = lr_at(samples_done, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_samples, self.decay_samples)
+        samples_done = self.batches.samples_before(self.step + 1)
+        lr = lr_at(samples_done, self.peak_lr, self.min_lr, cfg.optim.warmup_samples, self.decay_samples)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.lr = lr
@@ -525,7 +559,7 @@ class Trainer:
         for j, indices in enumerate(micro_batches):
             self.micro_step = j
             step_loss += self.forward_backward(indices, valid_targets, sync=j == len(micro_batches) - 1)
-            if j == 0 and self.noise is not None and plan.accumulation > 1:
+            if j == 0 and self.noise is not None and step_plan.accumulation > 1:
                 # The first micro-batch's own gradient: not yet all-reduced (no_sync), nothing else added.
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                 self._small_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
@@ -544,8 +578,9 @@ class Trainer:
         if torch.isfinite(grad_norm):
             self.optimizer.step()
             self._grad_norm = grad_norm
-            if self.noise is not None:
-                self.update_noise_scale(grad_norm, micro_batches[0], valid_targets)
+            # One micro-step per step: the hook took the local norm (DDP), or, in a ramp step, nobody did.
+            if self.noise is not None and (step_plan.accumulation > 1 or plan.accumulation == 1):
+                self.update_noise_scale(grad_norm, micro_batches[0], valid_targets, size)
             self._skipped_in_row = 0
             self._loss_sum += step_loss
             self._valid_since_log += valid_targets
@@ -554,6 +589,13 @@ class Trainer:
             self.skip_step(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+
+    def step_plan(self, size: int) -> BatchPlan:
+        """The plan of a step of ``size`` samples: the run's plan, or a ramp step's (same micro-batch, fewer
+        accumulation steps)."""
+        if size not in self._step_plans:
+            self._step_plans[size] = make_plan(size, self.plan.micro_size, self.world_size, self.plan.seq_len)
+        return self._step_plans[size]
 
     def finish_deepspeed_step(self, step_loss: torch.Tensor, valid_targets: int) -> None:
         """DeepSpeed stepped (or, on a non-finite gradient, skipped) at the last micro-step's ``engine.step``."""
@@ -575,7 +617,8 @@ class Trainer:
             self.skip_step(grad_norm)  # ZeRO found the overflow and dropped the update
         self.step += 1
 
-    def update_noise_scale(self, grad_norm: torch.Tensor, first_micro_batch: list[int], valid_targets: int) -> None:
+    def update_noise_scale(self, grad_norm: torch.Tensor, first_micro_batch: list[int], valid_targets: int,
+                           samples: int) -> None:
         """One step's estimate of the gradient noise scale, from the squared norms of the small batch's
         gradient (this rank's first micro-batch) and the big batch's (the global batch, after the
         all-reduce), with batch sizes counted in valid targets since the loss is a mean over them. Kept on
@@ -586,7 +629,7 @@ class Trainer:
         # The gradient of micro-batch 0 as computed is world / valid_targets times its summed loss's
         # gradient; the small batch's mean gradient is that sum over b_small.
         scale = valid_targets / (self.world_size * b_small)
-        self._tokens_per_sample = valid_targets / self.plan.global_size
+        self._tokens_per_sample = valid_targets / samples
         self.noise.update(self._small_sq * scale**2, grad_norm.float().square(), b_small, valid_targets)
 
     def noise_scale_now(self) -> tuple[float | None, float | None]:
@@ -689,12 +732,14 @@ class Trainer:
         elapsed = time.perf_counter() - self._log_clock[0]
         steps = self.step - self._log_clock[1]
         self.train_time_s += elapsed
-        tokens_per_s = steps * plan.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        samples = self.batches.samples_before(self.step)
+        tokens_per_s = (samples - self.batches.samples_before(self._log_clock[1])) * plan.seq_len / elapsed if elapsed > 0 else 0.0
         noise_scale, critical_tokens = self.noise_scale_now()
+        step_plan = self.step_plan(self.batches.size(self.step - 1))  # the last step's (a ramp changes it)
         record = {
             "step": self.step,
-            "samples": self.step * plan.global_size,
-            "tokens": self.step * plan.tokens_per_step,
+            "samples": samples,
+            "tokens": samples * plan.seq_len,
             "loss": loss,
             "lr": self.lr,
             "grad_norm": float(self._grad_norm),
@@ -705,10 +750,11 @@ class Trainer:
             "step_time_s": elapsed / max(steps, 1),
             "mfu": mfu(tokens_per_s / plan.world_size, self.flops_per_token, self.peak_flops),
             "memory_peak_gib": self.memory.peak_so_far() / 2**30,
-            "global_size": plan.global_size,
+            "global_size": step_plan.global_size,
             "micro_size": plan.micro_size,
-            "accumulation": plan.accumulation,
+            "accumulation": step_plan.accumulation,
             "world_size": plan.world_size,
+            "train_time_s": self.train_time_s,
             "noise_scale": noise_scale,
             "critical_batch_tokens": critical_tokens,
             # The two moving estimates behind it (per valid token): |G|^2 and tr(Sigma).
@@ -741,8 +787,9 @@ class Trainer:
     def log_validation(self) -> None:
         started = time.perf_counter()
         self.last_val_loss, self.last_val_step = self.evaluate(), self.step
-        self.log({"step": self.step, "samples": self.step * self.plan.global_size,
-                  "tokens": self.step * self.plan.tokens_per_step, "val_loss": self.last_val_loss})
+        samples = self.batches.samples_before(self.step)
+        self.log({"step": self.step, "samples": samples, "tokens": samples * self.plan.seq_len,
+                  "val_loss": self.last_val_loss, "train_time_s": self.train_time_now()})
         if self.accelerator.is_main_process:
             self.progress.write(f"step {self.step:>6}  val_loss {self.last_val_loss:.4f}")
         self._pause_clock(started)
@@ -759,16 +806,18 @@ class Trainer:
             self.main_print(f"step {self.step} was already done and validated; writing the final files only")
             final_weights, _, _ = self.whole_states(with_optimizer=False)  # a collective under ZeRO
         else:
-            self.log_validation()
+            if self.last_val_step != self.step:  # (a run stopped at its target has just validated)
+                self.log_validation()
             final_weights = self.save_checkpoint()  # the weights it gathered are the final ones
         train_losses = [r["loss"] for r in self.metrics.history if "loss" in r]
         finite_losses = [x for x in train_losses if x == x]
         mfus = [r["mfu"] for r in self.metrics.history if r.get("mfu") is not None]
         noise_scale, critical_tokens = self.noise_scale_now()
+        samples = self.batches.samples_before(self.step)
         summary = {
             "steps": self.step,
-            "samples": self.step * plan.global_size,
-            "tokens": self.step * plan.tokens_per_step,
+            "samples": samples,
+            "tokens": samples * plan.seq_len,
             "final_loss": train_losses[-1] if train_losses else None,
             "skipped_steps": self.skipped_steps,
             "first_loss": train_losses[0] if train_losses else None,
@@ -778,7 +827,7 @@ class Trainer:
             "accumulation": plan.accumulation,
             "global_size": plan.global_size,
             # Over the whole run, all its segments (a resumed run carries the time of the earlier ones).
-            "tokens_per_s": self.step * plan.tokens_per_step / self.train_time_s if self.train_time_s else None,
+            "tokens_per_s": samples * plan.seq_len / self.train_time_s if self.train_time_s else None,
             "train_time_s": self.train_time_s,
             "n_params": self.n_params,
             "n_params_total": self.n_params_total,
@@ -791,6 +840,9 @@ class Trainer:
             "noise_scale": noise_scale,
             "critical_batch_tokens": critical_tokens,
             "noise_scale_unavailable": self.noise_scale_unavailable(),
+            "peak_lr": self.peak_lr,  # after optim.lr_scaling
+            "target_val_loss": self.cfg.train.stop_val_loss,
+            "stopped_at_target": self.stopped_at_target,
             "wandb_run_id": self.wandb_run_id if self.wandb_mode != "off" else None,
         }
         if acc.is_main_process and self.wandb_mode in ("online", "offline"):
