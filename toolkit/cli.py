@@ -1,4 +1,5 @@
-"""Command-line entries: ``train.py`` (training) and ``toolkit`` (plan, bench, config, plot)."""
+"""Command-line entries: ``train.py`` (training) and ``toolkit`` (plan, bench, config, plot, sweep, report,
+recommend)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from toolkit import config_doc
-from toolkit.batch import make_plan
+from toolkit.batch import FULL, schedule_for_config
 from toolkit.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
@@ -158,8 +159,10 @@ def train_main(argv: list[str]) -> int:
                 cfg.run.name = f"{cfg.run.name}-debug"
         # The plan is checked against the launcher's world size before any process group exists, and the
         # trainer is imported only then, so that a bad config fails in a fraction of a second.
-        plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, int(os.environ.get("WORLD_SIZE", "1")))
-        if cfg.deepspeed.stage is not None:  # a user's DeepSpeed JSON that disagrees with the plan fails here
+        # (batch.global_size=full needs the data's size: the trainer checks that plan once it has the data.)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        plan = None if cfg.batch.global_size == FULL else schedule_for_config(cfg, world_size)[0]
+        if cfg.deepspeed.stage is not None and plan:  # a user's DeepSpeed JSON that disagrees with the plan fails here
             from toolkit import zero
             from toolkit.model import shape_from_config
 
@@ -199,10 +202,16 @@ def plan_main(args: argparse.Namespace) -> int:
     from toolkit import memory
 
     cfg = load_config(args.config, args.overrides)
-    plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, args.world_size, cfg.data.seq_len)
+    train_samples = None
+    if cfg.batch.global_size == FULL:  # the whole training split: its size is known once the data is read
+        from toolkit.data import load_data
+        from toolkit.model import shape_from_config
+
+        train_samples = len(load_data(cfg, shape_from_config(cfg).vocab_size)[0])
+    plan = schedule_for_config(cfg, args.world_size, train_samples)[0]
     # The precision the run would train in: train.precision, or for auto bf16 with CUDA and fp32 without.
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
-    n_params, plans = memory.plans_for_config(cfg, args.world_size, bf16)
+    n_params, plans = memory.plans_for_config(cfg, args.world_size, bf16, plan)
     if args.json:
         from toolkit.model import shape_from_config
 
@@ -263,6 +272,34 @@ def plot_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_main(args: argparse.Namespace) -> int:
+    from toolkit.sweep import run_sweep
+
+    try:
+        return run_sweep(args.sweep_file, out=args.out, dry_run=args.dry_run)
+    except KeyboardInterrupt:  # before the points started (resolving them), or while the report was written
+        print("interrupted (Ctrl-C); run the same command again to continue", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from toolkit.report import write_report
+
+    write_report(Path(args.sweep_dir), say=print, wandb=not args.no_wandb)  # no sweep.json: ConfigError
+    return 0
+
+
+def recommend_main(args: argparse.Namespace) -> int:
+    from toolkit.study import format_prediction, predict_from_run
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir} (runs/<run.name>, or a run.dir)")
+    prediction = predict_from_run(run_dir)
+    _print_long(json.dumps(prediction, indent=2) if args.json else format_prediction(prediction))
+    return 0
+
+
 def build_toolkit_parser() -> argparse.ArgumentParser:
     """The parser of ``toolkit`` and its subcommands; every option's help shows its default."""
     parser = argparse.ArgumentParser(prog="toolkit", description="Global-batch training toolkit.",
@@ -311,6 +348,39 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
                 plot_main)
     g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<run.name>, or run.dir)")
     g.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
+
+    s = command("sweep", "run a batch-size study: one real run per point of a grid, resumable, then the report",
+                sweep_main)
+    s.add_argument("sweep_file", metavar="SWEEP.yaml", help="a sweep file (configs/sweeps/*.yaml; its keys are "
+                                                           "documented in toolkit/sweep.py)")
+    s.add_argument("--out", metavar="DIR", help="the sweep's directory: sweep.json, points/<name>/ (one run "
+                                               "directory each), the report (default: sweeps/<name>)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the points (values, steps, micro-batch, accumulation, done/partial/new) and their "
+                        "commands; run nothing")
+    s.epilog = "\n".join([
+        "Running the same command again skips the finished points and continues an interrupted one from its",
+        "checkpoint. Ctrl-C (or SIGTERM) stops the running point after its step with a checkpoint; a second",
+        "Ctrl-C stops it at once.",
+        "",
+        "exit codes:",
+        _rows([("0", "every point done; the report is written"),
+               ("1", "some points failed (named, with their train.log); the report covers the others"),
+               ("2", "a bad sweep file or point (one line naming it); nothing was launched"),
+               ("130, 143", "stopped by SIGINT, SIGTERM; run the same command again to continue")]),
+    ])
+
+    r = command("report", "write a sweep's report from its points' files: report.md, summary.csv, "
+                          "recommendation.json, plots/*.png and a W&B summary run", report_main)
+    r.add_argument("sweep_dir", metavar="DIR", help="a sweep directory (the --out of toolkit sweep, default "
+                                                   "sweeps/<name>)")
+    r.add_argument("--no-wandb", action="store_true", help="write no W&B summary run")
+
+    m = command("recommend", "predict the critical batch from one run's measured gradient noise scale and suggest "
+                             "the grid of a sweep around it", recommend_main)
+    m.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<run.name>, or run.dir) whose "
+                                                     "metrics.jsonl holds the noise scale")
+    m.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
     return parser
 
