@@ -177,14 +177,14 @@ def test_partial_sweep_skips_plots_and_does_not_crash(tmp_path):
 
 
 def test_a_plot_that_fails_is_skipped_not_fatal(tmp_path, monkeypatch):
-    from toolkit import report
+    from toolkit import report_plots
 
     root, _ = make_sweep(tmp_path / "sweep")
 
     def broken(data):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setitem(report.PLOTS, "micro_batch.png", broken)
+    monkeypatch.setitem(report_plots.PLOTS, "micro_batch.png", broken)
     said: list[str] = []
     written = write_report(root, say=said.append, wandb=False)
     assert "micro_batch.png skipped: drawing it failed (ZeroDivisionError: a bug)" in said

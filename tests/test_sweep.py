@@ -14,7 +14,7 @@ import pytest
 from conftest import PYTHON, ROOT, alive, child_env, descendants, kill_job, read_jsonl, run
 
 from toolkit.config import ConfigError
-from toolkit.sweep import default_micro_size, match_existing, resolve, write_manifest
+from toolkit.sweep_file import default_micro_size, match_existing, resolve, write_manifest
 
 TOOLKIT = str(Path(PYTHON).with_name("toolkit"))
 

@@ -352,7 +352,7 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
     s = command("sweep", "run a batch-size study: one real run per point of a grid, resumable, then the report",
                 sweep_main)
     s.add_argument("sweep_file", metavar="SWEEP.yaml", help="a sweep file (configs/sweeps/*.yaml; its keys are "
-                                                           "documented in toolkit/sweep.py)")
+                                                           "documented in toolkit/sweep_file.py)")
     s.add_argument("--out", metavar="DIR", help="the sweep's directory: sweep.json, points/<name>/ (one run "
                                                "directory each), the report (default: sweeps/<name>)")
     s.add_argument("--dry-run", action="store_true",
