@@ -164,14 +164,14 @@ def test_an_lr_scaled_run_and_a_run_that_stops_at_its_target(tmp_path):
     stdlib = ["model.size=nano", "data.max_bytes=300000", "data.seq_len=32", "train.progress=false", "tracking.wandb=false"]
     overrides = [*stdlib, "batch.global_size=32", "batch.micro_size=8", "optim.lr=0.001", "optim.lr_scaling=sqrt",
                  "optim.reference_batch=8", "optim.schedule=constant", "optim.warmup_samples=320", "train.steps=400",
-                 "train.log_every=1", "train.val_every=10", "train.val_batches=2", "train.stop_val_loss=3.0",
+                 "train.log_every=7", "train.val_every=10", "train.val_batches=2", "train.stop_val_loss=3.0",
                  "run.record_samples=true", f"run.dir={run_dir}"]
     result = train(overrides)
     assert "peak LR 0.002 = optim.lr 0.001 scaled by the sqrt rule" in result.stdout
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
     # The LR at chosen samples: sqrt(32 / 8) x 0.001, reached after 320 samples (10 steps), flat after.
-    for r in train_records[:30]:
+    for r in train_records[:10]:
         assert r["lr"] == pytest.approx(warmup_then_flat(r["samples"], 0.002, 320), rel=1e-12)
     assert {r["accumulation"] for r in train_records} == {4}
     # The data order is the seeded stream's, as without any rule.
@@ -185,6 +185,10 @@ def test_an_lr_scaled_run_and_a_run_that_stops_at_its_target(tmp_path):
     assert all("train_time_s" in r for r in records)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_at_target"] is True and summary["steps"] == vals[-1]["step"] < 400
+    # Stopped between log steps (every 7; validations every 10): the last steps are logged and timed too.
+    assert train_records[-1]["step"] == summary["steps"]
+    assert summary["train_time_s"] == pytest.approx(train_records[-1]["train_time_s"])
+    assert summary["train_time_s"] >= vals[-1]["train_time_s"] > vals[0]["train_time_s"]
     assert summary["peak_lr"] == pytest.approx(0.002) and summary["target_val_loss"] == 3.0
     assert "target reached" in result.stdout
     again = run(train_cmd(overrides), timeout=120)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.batch import BatchPlan, make_plan
+from toolkit.batch import BatchPlan, make_plan, peak_lrs
 from toolkit.config import Config, ConfigError
 from toolkit.data import GlobalBatchSampler, Samples, load_data, rank_micro_batches
 from toolkit.engine import mixed_precision, wants_cpu
@@ -125,6 +125,7 @@ def plain_run(
     bf16 = mixed_precision(cfg, device.type == "cpu") == "bf16"
     sampler = GlobalBatchSampler(len(data), plan.global_size, cfg.seed)
     decay_samples = o.decay_samples or steps * plan.global_size
+    peak, minimum = peak_lrs(cfg, plan.global_size)  # optim.lr_scaling and optim.schedule, as the trainer applies them
     loss_sum, valid_since_log, losses = torch.zeros((), device=device), 0, []
 
     gc.collect()
@@ -133,7 +134,7 @@ def plain_run(
     for step in range(steps):
         global_batch = sampler.global_batch(step)
         valid_targets = data.valid_targets(global_batch)
-        lr = lr_at((step + 1) * plan.global_size, o.lr, o.min_lr, o.warmup_samples, decay_samples)
+        lr = lr_at((step + 1) * plan.global_size, peak, minimum, o.warmup_samples, decay_samples)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for indices in rank_micro_batches(global_batch, plan, 0):
@@ -174,6 +175,9 @@ def parity(cfg: Config, steps: int = 30, repeats: int = 3) -> dict:
     cfg.train.debug = False
     cfg.run.record_samples = False
 
+    if cfg.batch.global_size == "full" or cfg.batch.ramp.start is not None:
+        raise ConfigError("bench parity times fixed-size global batches: set batch.global_size to a number of samples "
+                          "and leave batch.ramp unset")
     plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, 1, cfg.data.seq_len)
     shape = shape_from_config(cfg)
     data, _ = load_data(cfg, shape.vocab_size)

@@ -49,11 +49,18 @@ def load_sweep(sweep_dir: Path) -> dict:
 
 
 def _last_line(path: Path) -> str | None:
-    """The last non-empty line of a point's train.log (a failed point's error is usually there)."""
+    """The last line of a point's train.log that the point wrote (a failed point's error is usually there),
+    with the exit code of its last launch when the sweep marked it (``=== exit N after S s``)."""
     if not path.is_file():
         return None
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:200] if lines else None
+    exits = [line for line in lines if line.startswith("=== exit ")]
+    written = [line for line in lines if not line.startswith("=== ")]
+    code = exits[-1].split()[2] if exits else None
+    last = written[-1][:200] if written else None
+    if code not in (None, "0"):
+        return f"exit {code}" + (f": {last}" if last else "")
+    return last
 
 
 def collect(sweep: dict, sweep_dir: Path) -> list[dict]:

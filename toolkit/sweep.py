@@ -50,6 +50,9 @@ GPU_LAUNCH = LAUNCH_DIR / "gpu8.yaml"
 STOP_WAIT_S = 120
 """After passing a SIGINT/SIGTERM on to the running point: how long to wait for its checkpoint before
 killing its process tree."""
+LOCK_WAIT_S = 180
+"""Before launching a point: how long to wait for a process still holding its run.dir (the point of a sweep
+that was killed, finishing its step and checkpoint)."""
 POLL_S = 2.0
 """How often the progress display reads the running point's metrics.jsonl."""
 PLAIN_LINE_S = 10.0
@@ -296,6 +299,35 @@ def _sweep_lock(out: Path):
         f.close()
 
 
+def _wait_for_run_dir(run_dir: Path, point: Point, signals: _Signals, say: Callable[[str], None]) -> bool:
+    """Wait until no process holds the point's run.dir lock. A sweep that was killed leaves its running point
+    to stop by itself (PR_SET_PDEATHSIG: it finishes its step and checkpoints), which may take a while; a
+    sweep started again at once would otherwise see that point refuse to start ("in use") and count it as
+    failed. False if it is still held after LOCK_WAIT_S (or a signal came)."""
+    from toolkit.rundir import LOCK_FILE
+
+    lock_path = run_dir / LOCK_FILE
+    if not lock_path.exists():
+        return True
+    deadline, said = time.monotonic() + LOCK_WAIT_S, False
+    with open(lock_path, "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return True
+            except BlockingIOError:
+                pass
+            if signals.signum is not None or time.monotonic() > deadline:
+                say(f"{point.name}: {run_dir} is still in use by another process (see {lock_path}); not started")
+                return False
+            if not said:
+                say(f"{point.name}: waiting for the process still holding {lock_path} to stop (the previous sweep's "
+                    f"point, finishing its step and checkpoint)")
+                said = True
+            time.sleep(0.5)
+
+
 def _run_point(sweep: Sweep, point: Point, signals: _Signals, say: Callable[[str], None]) -> int:
     """Launch the point and wait for it (passing a SIGINT/SIGTERM of the sweep on to it). Returns its exit
     code."""
@@ -303,6 +335,8 @@ def _run_point(sweep: Sweep, point: Point, signals: _Signals, say: Callable[[str
 
     run_dir = sweep.out / point.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not _wait_for_run_dir(run_dir, point, signals, say):
+        return 1
     cmd = command(sweep, point, free_port() if point.processes > 1 else "PORT")
     progress = _Progress(point, run_dir / "metrics.jsonl", say)
     with open(run_dir / "train.log", "ab") as log:

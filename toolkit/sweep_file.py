@@ -31,7 +31,7 @@ PROCESSES = "processes"
 """The grid key for the number of processes of a point (default 1); every other grid key is a config key."""
 
 SET_BY_SWEEP = ("run.dir", "run.name", "tracking.group", "train.steps", "train.stop_val_loss", "train.val_every",
-                "train.val_batches")
+                "train.val_batches", "checkpoint.resume")
 """Keys every point gets from the sweep itself (from its name, budget, target and validation); a sweep file
 that sets them in ``overrides`` or ``grid`` is refused rather than silently overruled."""
 
@@ -74,8 +74,9 @@ class ValidationSpec:
     so small and large batches are measured at the same samples, and often enough to interpolate."""
 
     samples: int = 512
-    """Validation samples per validation: train.val_batches = ceil(samples / global size), so every point
-    is validated on (at least) the same number of samples."""
+    """Validation samples per validation: train.val_batches = samples / global size, so every point is
+    validated on the same samples (the first ``samples`` of the validation split); it must be a multiple of
+    every point's global batch (a ``full`` point validates one batch of the split's size instead)."""
 
 
 @dataclass
@@ -347,12 +348,17 @@ def resolve(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Sw
                                       f"{cfg.data.seq_len} tokens")
                 steps = steps_for_samples(cfg, samples, train_samples=train_samples, world_size=processes)
             val_every = max(1, spec.validation.every_samples // global_size)
+            if train_samples is None and spec.validation.samples % global_size:
+                raise ConfigError(f"validation.samples={spec.validation.samples} is not a multiple of its global batch "
+                                  f"{global_size}, so it would validate on other samples than the rest; use "
+                                  f"{math.lcm(spec.validation.samples, global_size)} (a multiple of every global batch)")
             derived += [
                 f"tracking.group={spec.name}",
                 f"train.steps={steps}",
                 f"train.stop_val_loss={_value_text(target)}",
                 f"train.val_every={val_every}",
-                f"train.val_batches={-(-spec.validation.samples // global_size)}",
+                f"train.val_batches={max(1, spec.validation.samples // global_size)}",
+                "checkpoint.resume=auto",  # an interrupted point continues (a base config may say never)
             ]
             if not _sets(given, "checkpoint.every_steps"):
                 derived.append(f"checkpoint.every_steps={val_every}")  # an interrupted point loses little

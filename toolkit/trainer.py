@@ -786,10 +786,11 @@ class Trainer:
 
     def log_validation(self) -> None:
         started = time.perf_counter()
+        train_time_s = self.train_time_now()  # the training time up to this step, without this validation
         self.last_val_loss, self.last_val_step = self.evaluate(), self.step
         samples = self.batches.samples_before(self.step)
         self.log({"step": self.step, "samples": samples, "tokens": samples * self.plan.seq_len,
-                  "val_loss": self.last_val_loss, "train_time_s": self.train_time_now()})
+                  "val_loss": self.last_val_loss, "train_time_s": train_time_s})
         if self.accelerator.is_main_process:
             self.progress.write(f"step {self.step:>6}  val_loss {self.last_val_loss:.4f}")
         self._pause_clock(started)
@@ -806,8 +807,11 @@ class Trainer:
             self.main_print(f"step {self.step} was already done and validated; writing the final files only")
             final_weights, _, _ = self.whole_states(with_optimizer=False)  # a collective under ZeRO
         else:
+            if self.step > self._log_clock[1]:  # a run stopped at its target between log steps: its last steps
+                self.log_train()                # count in the loss, the train time and tokens/s too
             if self.last_val_step != self.step:  # (a run stopped at its target has just validated)
                 self.log_validation()
+                self.reached_target()  # (the last validation may reach it too: then it stopped there as well)
             final_weights = self.save_checkpoint()  # the weights it gathered are the final ones
         train_losses = [r["loss"] for r in self.metrics.history if "loss" in r]
         finite_losses = [x for x in train_losses if x == x]
