@@ -84,6 +84,8 @@ def test_lr_rules():
     (["batch.ramp.start=8", "batch.ramp.increment=16", "batch.ramp.samples=100"], "batch.ramp.increment=16 must"),
     (["batch.ramp.start=64", "batch.ramp.increment=8", "batch.ramp.samples=100"], "batch.ramp.start=64 must be"),
     (["batch.ramp.start=8"], "needs batch.ramp.increment"),
+    (["batch.ramp.start=8", "batch.ramp.increment=8", "batch.ramp.samples=100", "deepspeed.stage=2"],
+     "not supported with DeepSpeed"),
     (["batch.global_size=full", "batch.ramp.start=8", "batch.ramp.increment=8", "batch.ramp.samples=100"],
      "cannot be combined"),
 ])
@@ -176,8 +178,8 @@ def test_an_lr_scaled_run_and_a_run_that_stops_at_its_target(tmp_path):
     assert {r["accumulation"] for r in train_records} == {4}
     # The data order is the seeded stream's, as without any rule.
     cfg = load_config(None, overrides)
-    expected = stream(len(load_data(cfg, 256)[0]), 32, cfg.seed, 32 * len(train_records))
-    indices = [r["indices"] for r in read_jsonl(run_dir / "samples-rank0.jsonl")]
+    indices = [r["indices"] for r in read_jsonl(run_dir / "samples-rank0.jsonl")]  # one line per step
+    expected = stream(len(load_data(cfg, 256)[0]), 32, cfg.seed, 32 * len(indices))
     assert sum(indices, []) == expected
     # It stopped at the first validation at or below 3.0, and says so.
     vals = [r for r in records if "val_loss" in r]

@@ -53,6 +53,7 @@ def test_the_readme_commands_run_as_written_in_order(tmp_path):
     commands = readme_commands()
     assert commands[0] == "python train.py", commands  # the default job comes first
     assert any("--debug" in c for c in commands) and any(c.startswith("toolkit plot") for c in commands)
+    assert any(c.startswith("toolkit sweep configs/sweeps/") for c in commands)
     clone = fresh_copy(tmp_path / "clone")
     # The README's token-file recipe, with random GPT-2-sized ids standing in for a tokenizer's.
     np.random.default_rng(0).integers(0, 50257, 200_000).astype(np.uint16).tofile(clone / "train.bin")
@@ -78,6 +79,10 @@ def test_the_readme_commands_run_as_written_in_order(tmp_path):
             words = [PYTHON, *words[1:], "train.steps=2"]
         elif words[:2] == ["toolkit", "bench"]:
             words = [*words, "--steps", "2", "--repeats", "1"]
+        elif words[:2] == ["toolkit", "sweep"]:
+            # The whole study takes minutes (`toolkit sweep` itself is run by tests/test_sweep.py): here every
+            # point of the shipped sweep file is resolved and checked, as the sweep does before it starts.
+            words = [*words, "--dry-run"]
         result = run(words, timeout=300, cwd=clone, env=env_one)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         assert "Traceback" not in result.stdout + result.stderr, command

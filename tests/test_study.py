@@ -143,6 +143,14 @@ def test_regimes_follow_the_curve():
     assert labels[-1] == "maximal data parallelism"
     assert regimes(batches[::-1], steps_model(batches[::-1])) == labels[::-1]  # the order of the input is kept
     assert regimes([64], [10]) == [None]
+    # With a fit, the fitted curve's slope -B_crit / (B + B_crit): smooth where noisy measurements are not.
+    # B / B_crit = 1.1 x 2^k, off the thresholds: slopes -0.94 -0.88 | -0.78 -0.65 -0.48 -0.31 | -0.19 -0.10.
+    shifted = 1.1 * batches
+    fit, _ = fit_steps(shifted, steps_model(shifted))
+    noisy = steps_model(shifted) * np.array([1, 1, 1.3, 1, 1, 1, 1, 1])  # a bump: measured, 0.55 B_crit is "perfect"
+    assert regimes(shifted, noisy, fit) == ["perfect scaling"] * 2 + ["diminishing returns"] * 4 + [
+        "maximal data parallelism"] * 2
+    assert regimes(shifted, noisy) != regimes(shifted, noisy, fit)
 
 
 # ------------------------------------------------------------------------------------------ target crossing
@@ -225,7 +233,8 @@ def test_recommendation_fastest_depends_on_step_time():
     assert min(r["steps_rel"] for r in table) == 1.0 and table[-1]["steps_rel"] == 1.0
     assert table[0]["samples_rel"] == 1.0
     assert table[2]["time_s"] == pytest.approx(times[32])
-    assert table[0]["regime"] == "perfect scaling" and table[-1]["regime"] == "diminishing returns"
+    # From the fit's slope -B_crit / (B + B_crit): 8 is below B_crit / 4, 512 above 4 B_crit.
+    assert table[0]["regime"] == "perfect scaling" and table[-1]["regime"] == "maximal data parallelism"
 
 
 def test_recommendation_noise_scale_at_target_and_final():

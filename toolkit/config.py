@@ -412,6 +412,9 @@ def validate(cfg: Config) -> None:
     _require(ramp.start is None or (ramp.increment is not None and ramp.samples > 0),
              f"batch.ramp.start={ramp.start} needs batch.ramp.increment and batch.ramp.samples (> 0) too")
     # The ramp against global_size, micro_size and the world size is checked by toolkit/batch.py.
+    _require(ramp.start is None or cfg.deepspeed.stage is None,
+             "batch.ramp is not supported with DeepSpeed yet (it fixes the accumulation steps when it starts); "
+             "use plain DDP (deepspeed.stage=null) for a batch-size ramp")
     o = cfg.optim
     _require(o.lr_scaling == "none" or (o.reference_batch is not None and o.reference_batch > 0),
              f"optim.lr_scaling={o.lr_scaling} needs optim.reference_batch: the global batch at which optim.lr was tuned")

@@ -81,9 +81,6 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, train_samples: int | 
         # one process, as its own launcher would.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world_size = int(os.environ["WORLD_SIZE"])
-    if cfg.batch.ramp.start is not None:  # DeepSpeed's accumulation boundary is fixed at engine start
-        raise ConfigError("batch.ramp is not supported with deepspeed.stage yet (DeepSpeed fixes the accumulation "
-                          "steps when it starts); use plain DDP (deepspeed.stage=null) for a batch-size ramp")
     plan = plan_for_config(cfg, world_size, train_samples)
     if plan.ragged:
         raise ConfigError(f"batch.global_size=full with DeepSpeed needs the training split ({plan.global_size} samples) "

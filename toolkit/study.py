@@ -279,10 +279,22 @@ def fit_steps(batches, steps) -> tuple[Fit | None, str]:
                float(math.sqrt(max(grad @ cov @ grad, 0.0))), n), ""
 
 
-def regimes(batches, steps) -> list[str | None]:
-    """The regime of each batch size (ascending order) from the local slope of log S against log B (central
-    differences, one-sided at both ends), after Shallue et al. (JMLR 2019): slope <= -0.8 "perfect scaling",
-    >= -0.2 "maximal data parallelism", between them "diminishing returns". None for a lone point."""
+def regime_of(slope: float) -> str:
+    """Shallue et al. (JMLR 2019): slope <= -0.8 "perfect scaling", >= -0.2 "maximal data parallelism", between
+    them "diminishing returns"."""
+    return ("perfect scaling" if slope <= PERFECT_SLOPE else
+            "maximal data parallelism" if slope >= MAXIMAL_SLOPE else "diminishing returns")
+
+
+def regimes(batches, steps, fit: Fit | None = None) -> list[str | None]:
+    """The regime of each batch size from the local slope of log S against log B (see ``regime_of``).
+
+    With a fit, the slope of the fitted curve at B, -B_crit / (B + B_crit): measured steps to the target are
+    interpolated between validations and noisy, and neighbouring differences of noisy points can label a larger
+    batch "perfect scaling" after a smaller one's "maximal data parallelism". Without one, the measured slope
+    (central differences, one-sided at both ends). None for a lone point without a fit."""
+    if fit is not None:
+        return [regime_of(-fit.b_crit / (float(b) + fit.b_crit)) for b in batches]
     order = np.argsort(batches)
     lb, ls = np.log(np.asarray(batches, float)[order]), np.log(np.asarray(steps, float)[order])
     out: list[str | None] = [None] * len(lb)
@@ -290,10 +302,7 @@ def regimes(batches, steps) -> list[str | None]:
         return out
     for i in range(len(lb)):
         lo, hi = max(i - 1, 0), min(i + 1, len(lb) - 1)
-        slope = (ls[hi] - ls[lo]) / (lb[hi] - lb[lo])
-        regime = ("perfect scaling" if slope <= PERFECT_SLOPE else
-                  "maximal data parallelism" if slope >= MAXIMAL_SLOPE else "diminishing returns")
-        out[order[i]] = regime
+        out[order[i]] = regime_of((ls[hi] - ls[lo]) / (lb[hi] - lb[lo]))
     return out
 
 
@@ -345,7 +354,7 @@ def recommend(points: list[dict], target: float) -> dict:
     batches = list(best)
     steps = [best[b]["steps_to_target"] for b in batches]
     fit, why = fit_steps(batches, steps)
-    labels = regimes(batches, steps)
+    labels = regimes(batches, steps, fit)
     min_steps = min(steps, default=None)
     min_samples = min((best[b]["samples_to_target"] for b in batches), default=None)
     evidence = []
