@@ -224,3 +224,17 @@ def test_wandb_summary_run_offline(report, tmp_path, monkeypatch):
         header, *rows = list(csv.reader(f))
     assert tables["summary"]["columns"] == header and len(tables["summary"]["data"]) == len(rows) == 19
     assert [r[0] for r in tables["evidence"]["data"]] == BATCHES
+    # Read back from the run's .wandb file: one run in the sweep's group, the recommendation as its summary.
+    from test_wandb import records
+
+    logged = records(runs[0])
+    run = next(r["run"] for r in logged if r["type"] == "run")
+    assert run["run_group"] == json.loads((root / "sweep.json").read_text())["name"]
+    assert run["job_type"] == "sweep-summary"
+    summary = {}
+    for r in logged:
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    recommendation = json.loads((root / "recommendation.json").read_text())
+    assert summary["fastest_batch"] == recommendation["fastest_batch"]
+    assert summary["b_crit"]["value"] == pytest.approx(recommendation["b_crit"]["value"])

@@ -210,12 +210,19 @@ def test_sigkill_of_the_whole_sweep_then_the_same_command_runs_only_what_is_miss
     assert s8["stopped_at_target"] and s8["val_loss"] <= 3.31 and s8["samples"] < 2400
     manifest = json.loads((out / "sweep.json").read_text())
     assert [p["name"] for p in manifest["points"]] == NAMES
-    try:
-        import toolkit.report  # noqa: F401
-    except ImportError:
-        return
     for name in ("report.md", "summary.csv", "recommendation.json"):
         assert (out / name).is_file(), name
+    # `toolkit recommend` on one of these real runs: B_noise is the median of its last logged noise scales.
+    predicted = run([TOOLKIT, "recommend", str(points[2]), "--json"], timeout=60)
+    assert predicted.returncode == 0, predicted.stderr
+    prediction = json.loads(predicted.stdout)
+    logged = [r["noise_scale"] for r in read_jsonl(points[2] / "metrics.jsonl") if r.get("noise_scale") is not None]
+    recent = sorted(logged[-prediction["recent_values"]:])
+    assert prediction["values"] == len(logged) and recent[0] <= prediction["b_noise"] <= recent[-1]
+    grid = prediction["grid"]["batch.global_size"]
+    assert len(grid) == 7 and grid[-1] == 64 * grid[0] and grid[0] <= prediction["b_noise"] <= grid[-1]
+    text = run([TOOLKIT, "recommend", str(points[2])], timeout=60).stdout
+    assert "Predicted critical batch" in text and "grid:" in text
 
 
 def test_sigint_stops_the_running_point_with_a_checkpoint_and_the_rerun_completes(tmp_path):
