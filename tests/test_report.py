@@ -185,9 +185,12 @@ def test_a_plot_that_fails_is_skipped_not_fatal(tmp_path, monkeypatch):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setitem(report_plots.PLOTS, "micro_batch.png", broken)
+    (root / "plots").mkdir(exist_ok=True)
+    (root / "plots" / "micro_batch.png").write_bytes(b"an earlier report's image")
     said: list[str] = []
     written = write_report(root, say=said.append, wandb=False)
     assert "micro_batch.png skipped: drawing it failed (ZeroDivisionError: a bug)" in said
+    assert not (root / "plots" / "micro_batch.png").exists()  # no stale image next to the report
     assert len([p for p in written if p.suffix == ".png"]) == len(PLOTS) - 1
     assert "micro_batch.png skipped: drawing it failed" in (root / "report.md").read_text()
 

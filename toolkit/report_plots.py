@@ -257,6 +257,7 @@ def write_plots(points: list[dict], rec: dict, out: Path) -> tuple[list[Path], l
     data = PlotData(figures, compared, shown, study.best_per_batch(compared), _colours(list(shown)), rec, fit)
     written, skipped = [], []
     for name, draw in PLOTS.items():
+        (out / name).unlink(missing_ok=True)  # an earlier report's image of a plot skipped now would mislead
         try:
             fig = draw(data)
             if isinstance(fig, str):
