@@ -241,3 +241,10 @@ def test_wandb_summary_run_offline(report, tmp_path, monkeypatch):
     recommendation = json.loads((root / "recommendation.json").read_text())
     assert summary["fastest_batch"] == recommendation["fastest_batch"]
     assert summary["b_crit"]["value"] == pytest.approx(recommendation["b_crit"]["value"])
+    # The report written again continues the same summary run (same id), rather than adding one to the group.
+    try:
+        write_report(root, say=said.append, wandb=True)
+    finally:
+        wandb.teardown()
+    again = sorted((root / "wandb").glob("offline-run-*"))
+    assert len(again) == 2 and {p.name.rsplit("-", 1)[1] for p in again} == {run["run_id"]}

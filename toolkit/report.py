@@ -12,6 +12,7 @@ recommendation.json, report.md and the W&B summary run; the plots are toolkit/re
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -226,8 +227,11 @@ def log_wandb(sweep: dict, sweep_dir: Path, columns: list[str], rows: list[list]
         os.environ.setdefault("WANDB_DATA_DIR", str(sweep_dir / "wandb" / "data"))
 
         def init(mode: str):
-            return wandb.init(project=project, group=sweep["name"], job_type="sweep-summary",
-                              name=f"{sweep['name']}-summary", dir=str(sweep_dir), mode=mode,
+            # One run id per sweep directory: a report written again (`toolkit report DIR`) continues the same
+            # summary run rather than adding another to the group (offline, `wandb sync` merges its folders).
+            run_id = hashlib.sha1(str(sweep_dir.resolve()).encode()).hexdigest()[:8]
+            return wandb.init(project=project, group=sweep["name"], job_type="sweep-summary", id=run_id,
+                              resume="allow", name=f"{sweep['name']}-summary", dir=str(sweep_dir), mode=mode,
                               config={k: sweep.get(k) for k in ("name", "target", "budget", "grid_keys")},
                               settings=wandb.Settings(console="off", silent=True, init_timeout=30))
 
