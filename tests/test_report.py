@@ -200,10 +200,13 @@ def test_wandb_summary_run_offline(report, tmp_path, monkeypatch):
 
     root = tmp_path / "sweep"
     shutil.copytree(report[0], root)
-    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+    for key in [k for k in os.environ if k.startswith("WANDB_") and k != "WANDB_SERVICE"]:
         monkeypatch.delenv(key)
-    # wandb.init sets WANDB_SERVICE in this process; recorded here so that monkeypatch removes it afterwards
-    # (a child run of a later test must not inherit this process's W&B service).
+    # An earlier in-process wandb.init (the tracking bench) may have left WANDB_SERVICE pointing at its service,
+    # which the teardown below stops: it must not come back afterwards, or the next wandb.init of this process
+    # connects to a dead socket. Gone for good here; then recorded as absent, so that the WANDB_SERVICE which
+    # wandb.init sets now is removed afterwards too (a later test's child must not inherit it either).
+    os.environ.pop("WANDB_SERVICE", None)
     monkeypatch.setenv("WANDB_SERVICE", "")
     monkeypatch.delenv("WANDB_SERVICE")
     monkeypatch.setenv("WANDB_MODE", "offline")

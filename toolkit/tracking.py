@@ -40,6 +40,7 @@ WANDB_NAMES = {
     "critical_batch_tokens": "batch/critical_batch_tokens",
     "noise_grad_sq": "batch/noise_grad_sq",
     "noise_trace": "batch/noise_trace",
+    "train_time_s": "perf/train_time_s",
     "val_loss": "val/loss",
 }
 PROBE_TIMEOUT_S = 3.0
