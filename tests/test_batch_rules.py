@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import final_weights, read_jsonl, run, train, train_cmd
+from conftest import PYTHON, final_weights, read_jsonl, run, train, train_cmd
 from test_resume_kill import start_and_kill
 
 from toolkit.batch import BatchSchedule, make_full_plan, scaled_lr, schedule_for_config
@@ -67,6 +68,15 @@ def test_the_ramp_follows_megatron_and_counts_samples():
         steps = schedule.steps_for_samples(samples)
         assert sum(expected[:steps]) >= samples > sum(expected[: steps - 1])
     assert BatchSchedule(32).samples_before(7) == 7 * 32 and BatchSchedule(32).steps_for_samples(33) == 2
+
+
+def test_toolkit_plan_shows_the_ramp():
+    result = run([str(Path(PYTHON).with_name("toolkit")), "plan", "--json", "batch.global_size=32", "batch.micro_size=4",
+                  "batch.ramp.start=8", "batch.ramp.increment=8", "batch.ramp.samples=1000", "--world-size", "2"],
+                 timeout=60)
+    assert result.returncode == 0, result.stderr
+    sizes = megatron_sizes(8, 8, 1000, 32, 200)
+    assert json.loads(result.stdout)["ramp_sizes"] == sizes[: sizes.index(32)]
 
 
 def test_lr_rules():

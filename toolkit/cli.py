@@ -208,7 +208,7 @@ def plan_main(args: argparse.Namespace) -> int:
         from toolkit.model import shape_from_config
 
         train_samples = len(load_data(cfg, shape_from_config(cfg).vocab_size)[0])
-    plan = schedule_for_config(cfg, args.world_size, train_samples)[0]
+    plan, batches = schedule_for_config(cfg, args.world_size, train_samples)
     # The precision the run would train in: train.precision, or for auto bf16 with CUDA and fp32 without.
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
     n_params, plans = memory.plans_for_config(cfg, args.world_size, bf16, plan)
@@ -216,11 +216,17 @@ def plan_main(args: argparse.Namespace) -> int:
         from toolkit.model import shape_from_config
 
         shape = shape_from_config(cfg)  # n_params as a run's summary counts it: without position embeddings
-        print(json.dumps({**plan.as_dict(), "n_params": n_params - shape.seq_len * shape.n_embd,
+        print(json.dumps({**plan.as_dict(), "ramp_sizes": batches.ramp_sizes,
+                          "n_params": n_params - shape.seq_len * shape.n_embd,
                           "n_params_total": n_params, "precision": "bf16" if bf16 else "fp32",
                           "memory_bytes": [m.as_dict() for m in plans]}, indent=2))
     else:
         print(plan.table())
+        if batches.ramp_sizes:
+            ramp = cfg.batch.ramp
+            print(f"batch ramp: {ramp.start} -> {plan.global_size} by {ramp.increment} over {ramp.samples:,} samples: "
+                  f"{len(batches.ramp_sizes)} steps of {ramp.start} to {batches.ramp_sizes[-1]} samples, accumulation "
+                  f"{batches.ramp_sizes[0] // (plan.micro_size * plan.world_size)} to {plan.accumulation}")
         print(memory.table(plans, n_params, args.world_size, f", {'bf16' if bf16 else 'fp32'}, micro-batch "
                                                               f"{plan.micro_size} x {cfg.data.seq_len} tokens"))
     return 0
