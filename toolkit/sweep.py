@@ -25,7 +25,6 @@ import fcntl
 import functools
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -70,8 +69,10 @@ def finished(run_dir: Path, steps: int) -> dict | None:
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
-    """The point's complete checkpoints (``step-NNNNNNNN``; one being written has another name)."""
-    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d{8}", p.name))
+    """The point's complete checkpoints, newest first (``step-NNNNNNNN``; one being written has another name)."""
+    from toolkit.checkpoint import list_checkpoints
+
+    return [path for _, path in list_checkpoints(run_dir / "checkpoints")]
 
 
 def point_status(sweep: Sweep, point: Point) -> str:
@@ -447,7 +448,7 @@ def _stopped(sweep: Sweep, point: Point | None, signum: int, say: Callable[[str]
         say(f"stopped by {name} between points; run the same command again to continue")
     else:
         ckpts = _checkpoints(sweep.out / point.run_dir)
-        where = f"its newest checkpoint is {ckpts[-1].name}" if ckpts else "it has no checkpoint yet"
+        where = f"its newest checkpoint is {ckpts[0].name}" if ckpts else "it has no checkpoint yet"
         say(f"stopped by {name}: point {point.name} stopped ({where}); run the same command again to continue")
     return 128 + signum
 
