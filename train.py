@@ -12,7 +12,11 @@ Exit codes: 0 done, 2 bad configuration (one line on stderr), 3 a non-finite val
 
 import sys
 
-from toolkit.cli import train_main
+from toolkit.stop_signals import catch_early
+
+catch_early()  # first of all: a scheduler's SIGTERM/SIGUSR1/SIGUSR2 during start-up becomes a clean stop (exit 75)
+
+from toolkit.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(train_main(sys.argv[1:]))

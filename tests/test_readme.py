@@ -79,6 +79,12 @@ def test_the_readme_commands_run_as_written_in_order(tmp_path):
             words = [PYTHON, *words[1:], "train.steps=2"]
         elif words[:2] == ["toolkit", "bench"]:
             words = [*words, "--steps", "2", "--repeats", "1"]
+        elif words[:3] == ["toolkit", "slurm", "submit"]:
+            # No Slurm here: the job is checked and its script printed, as submit does before sbatch (real jobs
+            # on a real local cluster are tests/test_slurm.py's).
+            words = [*words[:3], "--dry-run", *words[3:]]
+        elif words[:3] == ["toolkit", "slurm", "status"]:
+            words = [*words[:3], "--help"]  # a job's status needs a job: tests/test_slurm.py reads real ones
         elif words[:2] == ["toolkit", "sweep"]:
             # The whole study takes minutes (`toolkit sweep` itself is run by tests/test_sweep.py): here every
             # point of the shipped sweep file is resolved and checked, as the sweep does before it starts.

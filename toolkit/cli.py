@@ -14,6 +14,7 @@ from pathlib import Path
 from toolkit import config_doc
 from toolkit.batch import FULL, schedule_for_config
 from toolkit.config import ConfigError, load_config
+from toolkit.stop_signals import catch_early
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
@@ -21,7 +22,7 @@ EXIT_DISK_FULL = 4
 """A checkpoint did not fit on the disk: nothing of it was written, the previous one is intact; free space and
 run the same command again."""
 EXIT_PREEMPTED = 75
-"""SIGTERM/SIGUSR1: stopped after a step with a checkpoint; run the same command again (EX_TEMPFAIL)."""
+"""SIGTERM/SIGUSR1/SIGUSR2: stopped after a step with a checkpoint; run the same command again (EX_TEMPFAIL)."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): stopped after the step in flight with a checkpoint; a second Ctrl-C stops at once."""
 BENCH_PARITY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-parity.yaml"
@@ -36,7 +37,7 @@ EXIT_MEANINGS = {
                     "train.max_skipped skipped steps in a row)",
     EXIT_DISK_FULL: "the disk filled while writing a checkpoint (the previous checkpoint is intact): free space "
                     "and run again",
-    EXIT_PREEMPTED: "preempted (SIGTERM or SIGUSR1): stopped after a step with a checkpoint; run the same command "
+    EXIT_PREEMPTED: "preempted (SIGTERM, SIGUSR1 or SIGUSR2): stopped after a step with a checkpoint; run the same command "
                     "again to continue",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C): stopped after a step with a checkpoint (a second Ctrl-C stops at once, "
                       "without one); run the same command again to continue",
@@ -146,7 +147,20 @@ def build_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_launch(cfg, world_size: int) -> None:
+    """Check a config's batch plan for ``world_size`` processes, and a user's DeepSpeed JSON against the plan,
+    without importing the trainer (ConfigError if either fails). ``batch.global_size=full`` needs the data's
+    size: the trainer checks that plan once it has the data."""
+    plan = None if cfg.batch.global_size == FULL else schedule_for_config(cfg, world_size)[0]
+    if cfg.deepspeed.stage is not None and plan:
+        from toolkit import zero
+        from toolkit.model import shape_from_config
+
+        zero.deepspeed_config(cfg, plan, on_cuda=False, hidden=shape_from_config(cfg).n_embd)
+
+
 def train_main(argv: list[str]) -> int:
+    catch_early()  # a scheduler's stop signal during start-up stops the run after its first step (exit 75)
     parser = build_train_parser()
     args = parser.parse_intermixed_args(argv)  # `train.py key=value --debug key=value` works too
     try:
@@ -160,13 +174,7 @@ def train_main(argv: list[str]) -> int:
         # The plan is checked against the launcher's world size before any process group exists, and the
         # trainer is imported only then, so that a bad config fails in a fraction of a second.
         # (batch.global_size=full needs the data's size: the trainer checks that plan once it has the data.)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        plan = None if cfg.batch.global_size == FULL else schedule_for_config(cfg, world_size)[0]
-        if cfg.deepspeed.stage is not None and plan:  # a user's DeepSpeed JSON that disagrees with the plan fails here
-            from toolkit import zero
-            from toolkit.model import shape_from_config
-
-            zero.deepspeed_config(cfg, plan, on_cuda=False, hidden=shape_from_config(cfg).n_embd)
+        check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         from toolkit.checkpoint import CheckpointWriteError
         from toolkit.rundir import AlreadyFinished
         from toolkit.trainer import NonFiniteError, Preempted, Trainer
@@ -223,10 +231,7 @@ def plan_main(args: argparse.Namespace) -> int:
     else:
         print(plan.table())
         if batches.ramp_sizes:
-            ramp = cfg.batch.ramp
-            print(f"batch ramp: {ramp.start} -> {plan.global_size} by {ramp.increment} over {ramp.samples:,} samples: "
-                  f"{len(batches.ramp_sizes)} steps of {ramp.start} to {batches.ramp_sizes[-1]} samples, accumulation "
-                  f"{batches.ramp_sizes[0] // (plan.micro_size * plan.world_size)} to {plan.accumulation}")
+            print(batches.describe(plan))
         print(memory.table(plans, n_params, args.world_size, f", {'bf16' if bf16 else 'fp32'}, micro-batch "
                                                               f"{plan.micro_size} x {cfg.data.seq_len} tokens"))
     return 0
@@ -281,8 +286,14 @@ def plot_main(args: argparse.Namespace) -> int:
 def sweep_main(args: argparse.Namespace) -> int:
     from toolkit.sweep import run_sweep
 
+    spec = None
+    if args.launcher == "slurm":
+        from toolkit.slurm import JobSpec
+
+        spec = JobSpec(gpus_per_node=args.gpus_per_rank, time=args.time, signal_lead_s=args.signal_lead,
+                       partition=args.partition, account=args.account, max_requeues=args.max_requeues)
     try:
-        return run_sweep(args.sweep_file, out=args.out, dry_run=args.dry_run)
+        return run_sweep(args.sweep_file, out=args.out, dry_run=args.dry_run, slurm_spec=spec)
     except KeyboardInterrupt:  # before the points started (resolving them), or while the report was written
         print("interrupted (Ctrl-C); run the same command again to continue", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
@@ -304,6 +315,61 @@ def recommend_main(args: argparse.Namespace) -> int:
     prediction = predict_from_run(run_dir)
     _print_long(json.dumps(prediction, indent=2) if args.json else format_prediction(prediction))
     return 0
+
+
+def slurm_main(args: argparse.Namespace) -> int:
+    from toolkit import slurm
+
+    if args.action == "status":
+        return slurm.status(Path(args.run_dir), as_json=args.json)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    spec = slurm.JobSpec(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+        cpus_per_task=args.cpus_per_task, time=args.time, signal_lead_s=args.signal_lead, partition=args.partition,
+        account=args.account, max_requeues=args.max_requeues, job_name=args.job_name, sbatch_args=args.sbatch_arg,
+    )
+    return slurm.submit(spec, train_args, script=Path(args.script).resolve(), dry_run=args.dry_run)
+
+
+def add_slurm_parser(command) -> None:
+    """``toolkit slurm submit`` and ``toolkit slurm status``."""
+    from toolkit.slurm import TRAIN_SCRIPT, JobSpec
+
+    default = JobSpec()
+    parser = command("slurm", "submit a training run as a Slurm job (checked first), or show a run's job",
+                     slurm_main)
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = actions.add_parser("submit", formatter_class=HelpFormatter,
+                           help="check the run's config and plan for the job's world size, write the filled-in "
+                                "slurm/train.sbatch into the run directory and submit it",
+                           description="toolkit slurm submit [options] -- [train.py arguments]\n\nChecks the "
+                                       "config, its batch plan for nodes x procs-per-node ranks and the run "
+                                       "directory; writes RUN_DIR/slurm/job-<id>.sbatch and submits it. The job's "
+                                       "output goes to RUN_DIR/slurm/slurm-<id>.out.")
+    s.add_argument("--nodes", type=int, default=default.nodes, help="nodes")
+    s.add_argument("--gpus-per-node", type=int, default=default.gpus_per_node, help="GPUs per node (0: a CPU job)")
+    s.add_argument("--procs-per-node", type=int, help="ranks per node (default: --gpus-per-node, or 1 without GPUs)")
+    s.add_argument("--cpus-per-task", type=int, help="CPUs per rank (default: the cluster's)")
+    s.add_argument("--time", default=default.time, help="time limit (MINUTES, HH:MM:SS, D-HH:MM ...)")
+    s.add_argument("--signal-lead", type=int, default=default.signal_lead_s, metavar="SECONDS",
+                   help="SIGUSR2 this long before the time limit: the ranks checkpoint and the job requeues itself")
+    s.add_argument("--partition", help="partition (default: the cluster's default)")
+    s.add_argument("--account", help="account (default: yours)")
+    s.add_argument("--max-requeues", type=int, default=default.max_requeues,
+                   help="requeue after a preemption at most this often (counted by SLURM_RESTART_COUNT)")
+    s.add_argument("--job-name", default=default.job_name, help="job name")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                   help="a further #SBATCH option, e.g. --sbatch-arg=--qos=high (repeatable)")
+    s.add_argument("--script", default=str(TRAIN_SCRIPT), help="what every rank runs: train.py, or a script taking "
+                                                               "train.py's arguments")
+    s.add_argument("--dry-run", action="store_true", help="print the filled-in script; submit nothing")
+    s.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                   help="train.py's arguments: --config FILE and key=value overrides")
+    s.set_defaults(names_allowed=True)
+    t = actions.add_parser("status", formatter_class=HelpFormatter,
+                           help="a run's newest job (state, requeues, run time) and the run's last logged step")
+    t.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (runs/<run.name>, or run.dir)")
+    t.add_argument("--json", action="store_true", help="print it as JSON")
 
 
 def build_toolkit_parser() -> argparse.ArgumentParser:
@@ -363,7 +429,21 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
                                                "directory each), the report (default: sweeps/<name>)")
     s.add_argument("--dry-run", action="store_true",
                    help="print the points (values, steps, micro-batch, accumulation, done/partial/new) and their "
-                        "commands; run nothing")
+                        "commands (with --launcher slurm: the job arrays' scripts); run nothing")
+    s.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: one point at a time on this machine; slurm: the points as Slurm job arrays (one per "
+                        "process count, one node per point), waited for here")
+    from toolkit.slurm import JobSpec
+
+    slurm_default = JobSpec()
+    s.add_argument("--time", default=slurm_default.time, help="slurm: each point's time limit")
+    s.add_argument("--signal-lead", type=int, default=slurm_default.signal_lead_s, metavar="SECONDS",
+                   help="slurm: SIGUSR2 this long before the time limit (the point checkpoints and requeues)")
+    s.add_argument("--partition", help="slurm: partition")
+    s.add_argument("--account", help="slurm: account")
+    s.add_argument("--gpus-per-rank", type=int, default=0, help="slurm: GPUs per process (0: CPU jobs)")
+    s.add_argument("--max-requeues", type=int, default=slurm_default.max_requeues,
+                   help="slurm: requeues after preemptions per point, at most")
     s.epilog = "\n".join([
         "Running the same command again skips the finished points and continues an interrupted one from its",
         "checkpoint. Ctrl-C (or SIGTERM) stops the running point after its step with a checkpoint; a second",
@@ -388,6 +468,7 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
                                                      "metrics.jsonl holds the noise scale")
     m.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
+    add_slurm_parser(command)
     return parser
 
 

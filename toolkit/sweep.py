@@ -379,14 +379,28 @@ def _run_point(sweep: Sweep, point: Point, signals: _Signals, say: Callable[[str
 
 
 def run_sweep(path: str | os.PathLike, out: str | os.PathLike | None = None, dry_run: bool = False,
-              say: Callable[[str], None] = print) -> int:
+              say: Callable[[str], None] = print, slurm_spec=None) -> int:
     """Resolve the sweep, then (unless ``dry_run``) run its points in order and write the report. Returns the
     exit code: 0 all points done, 1 some failed (named), 130/143 stopped by SIGINT/SIGTERM. Raises ConfigError
-    (exit 2) when any point cannot run, before launching anything."""
+    (exit 2) when any point cannot run, before launching anything. With ``slurm_spec`` (a
+    ``toolkit.slurm.JobSpec``: time limit, partition ...) the points run as Slurm job arrays instead
+    (toolkit/sweep_slurm.py)."""
     sweep = resolve(path, out)
-    check_devices(sweep)
+    if slurm_spec is None:
+        check_devices(sweep)
+    else:
+        from toolkit.slurm import check_spec
+
+        check_spec(slurm_spec)
     match_existing(sweep)
     statuses = [point_status(sweep, p) for p in sweep.points]
+    if dry_run and slurm_spec is not None:
+        from toolkit import sweep_slurm
+
+        say(header(sweep, statuses))
+        say(table(sweep, statuses))
+        sweep_slurm.dry_run(sweep, slurm_spec, say)
+        return 0
     if dry_run:
         say(header(sweep, statuses))
         say(table(sweep, statuses))
@@ -401,6 +415,10 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike | None = None, dry
     with _sweep_lock(sweep.out):
         write_manifest(sweep)
         say(header(sweep, statuses))
+        if slurm_spec is not None:
+            from toolkit import sweep_slurm
+
+            return sweep_slurm.run(sweep, slurm_spec, say)
         failed: list[Point] = []
         started = time.monotonic()
         total = len(sweep.points)

@@ -48,6 +48,7 @@ from toolkit.memory import PeakMeter, predict_for_config
 from toolkit.metrics import NoiseScale, mfu, peak_flops
 from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups, shape_from_config
 from toolkit.schedule import lr_at
+from toolkit.stop_signals import STOP_SIGNALS, early_signal
 from toolkit.tracking import WANDB_NAMES, MetricsLog, start_wandb, write_json_atomic
 
 
@@ -56,7 +57,7 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM, SIGUSR1 or a Ctrl-C (SIGINT) reached a rank: all ranks stopped after the same step and wrote
+    """SIGTERM, SIGUSR1, SIGUSR2 or a Ctrl-C (SIGINT) reached a rank: all ranks stopped after the same step and wrote
     a checkpoint."""
 
     def __init__(self, step: int, signum: int):
@@ -65,8 +66,6 @@ class Preempted(Exception):
         super().__init__(f"{what}: stopped after step {step} with a checkpoint; run the same command again to continue")
 
 
-# A Ctrl-C stops like a preemption (after the step in flight, with a checkpoint); a second one stops at once.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Trainer:
@@ -195,10 +194,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg, {"plan": self.plan.as_dict()}))
             precision = ("fp32" if acc.mixed_precision != "bf16" else "bf16 (DeepSpeed: bf16 parameters, fp32 master "
                          "copy)" if self.deepspeed else "bf16 autocast (fp32 parameters)")
-            ramp = cfg.batch.ramp
-            ramp_line = ("" if not self.batches.ramp_sizes else
-                         f"batch ramp: {ramp.start} -> {self.plan.global_size} by {ramp.increment} over {ramp.samples:,} "
-                         f"samples ({len(self.batches.ramp_sizes)} steps; the accumulation follows)\n")
+            ramp_line = self.batches.describe(self.plan) + "\n" if self.batches.ramp_sizes else ""
             lr_line = ("" if cfg.optim.lr_scaling == "none" else
                        f"peak LR {self.peak_lr:.3g} = optim.lr {cfg.optim.lr:g} scaled by the {cfg.optim.lr_scaling} rule "
                        f"from optim.reference_batch {cfg.optim.reference_batch} to {self.plan.global_size}\n")
@@ -220,6 +216,8 @@ class Trainer:
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
         )
         self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        if early_signal() is not None and self._stop_signal is None:  # it came while this process started
+            self._stop_signal = early_signal()
         self.first_step = self.step  # where this process started (after a resume, the checkpoint's step)
         self.progress = tqdm(
             total=cfg.train.steps, initial=self.step,

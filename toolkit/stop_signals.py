@@ -1,0 +1,42 @@
+"""The signals that stop a run after its step with a checkpoint, and those that arrive before training.
+
+A scheduler may signal a rank at any moment, also while it is still starting (importing torch, loading the
+data, joining the process group, reading a checkpoint): a Slurm time-limit signal lands there when the
+job's start-up is slow, an outside ``scontrol requeue`` when it is early. Python's default for SIGTERM,
+SIGUSR1 and SIGUSR2 ends the process at once, and its exit status (128 + the signal) would then not say
+"preempted". ``catch_early`` therefore notes them from the first line of ``train.py`` on; the trainer takes
+the noted signal over when it installs its own handlers, so the run stops after its first step with a
+checkpoint and exits 75 like any preempted run. A second signal before that ends the process as the
+default would (a start-up that hangs can still be stopped).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""A scheduler's stop: SIGTERM (preemption, the time limit, torchrun's forwarding), SIGUSR1, and SIGUSR2, which
+slurm/train.sbatch asks for before a time limit (NCCL may claim SIGUSR1)."""
+STOP_SIGNALS = (*PREEMPT_SIGNALS, signal.SIGINT)
+"""Signals the trainer stops on after the step in flight (a Ctrl-C too; a second one stops at once)."""
+
+_noted: list[int] = []
+
+
+def _note(signum, frame) -> None:
+    if _noted:  # a second one: end as the default action would
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    _noted.append(signum)
+
+
+def catch_early() -> None:
+    """Note SIGTERM/SIGUSR1/SIGUSR2 until the trainer's own handlers take over (main thread only)."""
+    for signum in PREEMPT_SIGNALS:
+        signal.signal(signum, _note)
+
+
+def early_signal() -> int | None:
+    """The first stop signal noted before training began, if any."""
+    return _noted[0] if _noted else None
