@@ -189,6 +189,7 @@ class BatchSchedule:
     def __init__(self, global_size: int, ramp_start: int | None = None, ramp_increment: int | None = None,
                  ramp_samples: int = 0):
         self.global_size = global_size
+        self.ramp = (ramp_start, ramp_increment, ramp_samples)
         self.ramp_sizes: list[int] = []  # the size of each step of the ramp (steps 0 .. len - 1)
         if ramp_start is not None:
             increments = (global_size - ramp_start) // ramp_increment
@@ -203,6 +204,16 @@ class BatchSchedule:
         self.ramp_ends = [0]  # samples consumed before each ramp step, and after the last one
         for size in self.ramp_sizes:
             self.ramp_ends.append(self.ramp_ends[-1] + size)
+
+    def describe(self, plan: BatchPlan) -> str:
+        """The ramp in one line, as a run's start and ``toolkit plan`` print it ("" without a ramp)."""
+        if not self.ramp_sizes:
+            return ""
+        start, increment, samples = self.ramp
+        per_micro_step = plan.micro_size * plan.world_size
+        return (f"batch ramp: {start} -> {self.global_size} by {increment} over {samples:,} samples: "
+                f"{len(self.ramp_sizes)} steps of {start} to {self.ramp_sizes[-1]} samples, accumulation "
+                f"{self.ramp_sizes[0] // per_micro_step} to {plan.accumulation}")
 
     def size(self, step: int) -> int:
         """Global batch size of step ``step`` (0-based)."""

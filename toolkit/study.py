@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from toolkit.batch import scaled_lr
 from toolkit.config import ConfigError
 from toolkit.plot import PlotError, read_metrics
 
@@ -159,8 +160,7 @@ def _config_peak_lr(config: dict, global_size: int | None) -> float | None:
     if not _num(lr):
         return None
     if rule in ("linear", "sqrt") and _num(ref) and global_size:
-        ratio = global_size / ref
-        return lr * (ratio if rule == "linear" else math.sqrt(ratio))
+        return scaled_lr(lr, global_size, ref, rule)
     return lr
 
 
