@@ -10,6 +10,8 @@
 #                                   exit 0 if all run, 1 otherwise
 #   slurm/local_cluster.sh env      print the line that points Slurm's clients here:
 #                                   eval "$(slurm/local_cluster.sh env)"
+#   slurm/local_cluster.sh install  only install the packages if missing (CI does this
+#                                   first, so that the tests' start takes seconds)
 #
 # It is for tests and for trying the SLURM path of the toolkit without a cluster.
 # Run it as root (the daemons run as root, munged as the `munge` user).
@@ -82,7 +84,7 @@ say() { printf 'local_cluster: %s\n' "$*" >&2; }
 die() { printf 'local_cluster: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -569,5 +571,6 @@ case "${1:-}" in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    install) need_root; ensure_packages ;;
     *) usage ;;
 esac
