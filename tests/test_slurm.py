@@ -38,9 +38,10 @@ STEPS = 200
 # The equivalence job (tests/conftest.py::small_job) with 2 micro-batches per rank and a checkpoint every
 # 20 steps; under tests/probe_slow_step.py a first allocation's 200 steps take over 100 s of wall-clock time
 # (0.5 s of sleep each), a requeued allocation's a few seconds. The time-limited jobs get 2 minutes and the
-# signal 60 s before the end: Slurm checks time limits every 30 s, so the signal comes 60-90 s into the
-# first allocation; a requeued one (whose clock starts ~10 s before its script, at the allocation) then
-# has 50 s or more to finish.
+# signal 60 s before the end, which Slurm sends at its next time-limit check (about every 30 s; it may be up
+# to 60 s early): measured here 65-70 s into a first allocation, and 15-20 s into a requeued one, whose
+# clock starts at its allocation, ~10 s before its script. So a first allocation is always interrupted,
+# and a requeued one must finish within seconds, hence the sleep only in the first.
 CONFIG = [*small_job(16, STEPS), "batch.micro_size=4", "train.log_every=5", "checkpoint.every_steps=20"]
 WAIT_S = 420
 
@@ -108,7 +109,8 @@ def jobs(cluster, tmp_path_factory):
     """Submit every job of the module, run the local reference meanwhile, requeue one job from outside, and
     wait for all of them. Returns {name: (run_dir, job id, final scontrol record)} and the reference's dir."""
     base = tmp_path_factory.mktemp("slurm-jobs")
-    dirs = {name: base / name for name in ("timelimit", "capped", "requeued", "plain", "failing")}
+    dirs = {name: base / name for name in ("timelimit", "capped", "requeued", "failing")}
+    dirs["plain"] = base / "plain run"  # a space in the paths of its script, its output and its run
     ids = {}
     # The time-limited jobs first: their clocks run from their start.
     ids["timelimit"] = submit(cluster, ["--nodes", "2", "--time", "2", "--signal-lead", "60"],
@@ -173,6 +175,8 @@ def test_two_node_job_equals_a_local_two_process_run(jobs):
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", info
     text = output(run_dir, job_id)
     assert "2 node(s) (n[1-2]), 2 ranks" in text and "x processes (world size)            2" in text
+    script = (run_dir / "slurm" / f"job-{job_id}.sbatch").read_text()  # as sbatch reads it when resubmitted by hand
+    assert f'#SBATCH --output="{run_dir}/slurm/slurm-%j.out"' in script
     assert_weights(run_dir, reference, rtol=1e-5)
 
 
@@ -187,8 +191,8 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_bit_identical(jobs, 
     stopped = sorted({int(s) for s in re.findall(r"stopped: preempted by SIGUSR2: stopped after step (\d+)", text)})
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
     assert stopped and resumed[:len(stopped)] == stopped, text
-    assert text.count("batchkit: preempted, checkpoint written; requeued job") == len(stopped), text
-    assert text.index("requeued job") < text.index("start 2 (requeued 1 times)") < text.index(f"done: {STEPS} steps")
+    assert text.count("batchkit: preempted, checkpoint written; requeueing job") == len(stopped), text
+    assert text.index("requeueing job") < text.index("start 2 (requeued 1 times)") < text.index(f"done: {STEPS} steps")
     assert_weights(run_dir, reference)
     # One W&B run across the allocations: one offline folder per allocation, all of the same run id.
     runs_on_disk = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -219,7 +223,7 @@ def test_max_requeues_stops_a_job_that_keeps_being_preempted(jobs):
     text = output(run_dir, job_id)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "75:0", (info, text)
     step = int(re.search(r"stopped: preempted by SIGUSR2: stopped after step (\d+)", text).group(1))
-    assert "batchkit: preempted, not requeued: requeued 0 times already (MAX_REQUEUES=0)" in text
+    assert "batchkit: preempted, not requeued: restarted 0 times already (MAX_REQUEUES=0)" in text
     assert (run_dir / "checkpoints" / f"step-{step:08d}").is_dir()  # the work so far is kept
 
 
@@ -284,12 +288,14 @@ def test_sbatch_renders_for_eight_gpus_per_node(nodes):
     assert options["signal"] == "USR2@180" and "requeue" in options and options["open-mode"] == "append"
     assert options["output"].endswith("runs/gpt2-small/slurm/slurm-%j.out")
     # one srun task per rank, each with its rank, local rank and world size from Slurm's variables
-    assert re.search(r"^srun .*\n.*export RANK=\$SLURM_PROCID LOCAL_RANK=\$SLURM_LOCALID WORLD_SIZE=\$SLURM_NTASKS",
-                     script, re.M)
+    srun = re.search(r"^srun (.*\n)+?.*rank \"\$PYTHON\"", script, re.M).group(0)
+    assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in srun
+    # a step's CPUs are not the job's since Slurm 22.05; every rank sees all the node's GPUs of the job
+    assert '--cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"' in srun and "${SLURM_GPUS_ON_NODE:+--gpu-bind=none}" in srun
     # the rendezvous: the first node's address, a port from the job id
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
-    assert "export MASTER_PORT=$((20000 + ${SLURM_JOB_ID} % 20000))" in script
-    assert re.search(r'^\s+elif scontrol requeue "\$job"; then', script, re.M)
+    assert "export MASTER_PORT=$((10000 + ${SLURM_JOB_ID} % 20000))" in script
+    assert re.search(r'^\s+if ! scontrol requeue "\$job"; then', script, re.M)
     assert f"TRAIN_ARGS=(--config {ROOT / 'configs' / 'gpt2-small.yaml'} batch.micro_size=4)" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
 
@@ -303,7 +309,7 @@ def test_sbatch_rendezvous_and_requeue_cap_as_bash_runs_them(tmp_path):
     (bin_dir / "scontrol").write_text('#!/bin/bash\ncase "$1 $2" in\n"show hostnames") echo n7; echo n8;;\n'
                                       '"show node") echo "NodeName=n7 Arch=x86_64 NodeAddr=10.1.2.7 NodeHostName=n7";;\n'
                                       f'requeue*) echo "requeue $2" >> {tmp_path}/requeued;;\nesac\n')
-    (bin_dir / "srun").write_text('#!/bin/bash\nshift  # --kill-on-bad-exit=0\nfor p in 0 1; do '
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [ "$1" != bash ]; do shift; done  # srun\'s options\nfor p in 0 1; do '
                                   'SLURM_PROCID=$p SLURM_LOCALID=0 SLURM_NTASKS=2 "$@"; done\n'
                                   f'exit $(cat {tmp_path}/exit)\n')
     (bin_dir / "python").write_text(f'#!/bin/bash\nenv > {tmp_path}/env-$RANK\n')  # instead of training
@@ -323,17 +329,27 @@ def test_sbatch_rendezvous_and_requeue_cap_as_bash_runs_them(tmp_path):
             assert (tmp_path / "requeued").read_text() == "requeue 123456\n"
     rank1 = dict(line.split("=", 1) for line in (tmp_path / "env-1").read_text().splitlines() if "=" in line)
     assert rank1["RANK"] == "1" and rank1["WORLD_SIZE"] == "2" and rank1["LOCAL_RANK"] == "0"
-    assert rank1["MASTER_ADDR"] == "10.1.2.7" and rank1["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert rank1["MASTER_ADDR"] == "10.1.2.7" and rank1["MASTER_PORT"] == str(10000 + 123456 % 20000)
+    assert rank1["CUDA_VISIBLE_DEVICES"] == ""  # a CPU job takes no GPU
 
 
 def test_bad_job_options_are_refused_in_one_line(tmp_path):
     for options, expected in ((["--time", "soon"], "--time='soon' is not a Slurm time limit"),
-                              (["--time", "2", "--signal-lead", "180"], "--signal-lead=180 s is not before"),
+                              (["--time", "2", "--signal-lead", "90"], "--signal-lead=90 s is not before the time "
+                                                                         "limit --time=2 (120 s) by a minute"),
+                              (["--signal-lead", "10"], "--signal-lead=10 s is too short"),
+                              (["--gpus-per-node", "4", "--procs-per-node", "2"], "must be equal"),
                               (["--nodes", "0"], "--nodes=0 must be at least 1")):
         result = run([TOOLKIT, "slurm", "submit", *options, "--dry-run", "--", *CONFIG], 60, cwd=tmp_path)
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [
             result.stderr.strip().splitlines()[0]] and expected in result.stderr, (options, result.stderr)
 
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16) >> (signum - 1) & 1)
 
 
 def test_a_stop_signal_during_start_up_stops_after_the_first_step(tmp_path):
@@ -344,8 +360,11 @@ def test_a_stop_signal_during_start_up_stops_after_the_first_step(tmp_path):
     proc = subprocess.Popen([PYTHON, "train.py", *overrides], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        time.sleep(1.0)  # well before training: torch alone takes longer to import
-        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        deadline = time.monotonic() + 60
+        while not catches(proc.pid, signal.SIGUSR2):  # train.py's first lines (not yet torch) note it
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()  # well before training
         proc.send_signal(signal.SIGUSR2)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -290,6 +290,10 @@ def sweep_main(args: argparse.Namespace) -> int:
     if args.launcher == "slurm":
         from toolkit.slurm import JobSpec
 
+        if args.gpus_per_rank not in (0, 1):
+            raise ConfigError(f"--gpus-per-rank={args.gpus_per_rank}: a rank uses one GPU (that of its local rank); "
+                              f"give 0 (CPU jobs) or 1")
+
         spec = JobSpec(gpus_per_node=args.gpus_per_rank, time=args.time, signal_lead_s=args.signal_lead,
                        partition=args.partition, account=args.account, max_requeues=args.max_requeues)
     try:
@@ -365,7 +369,6 @@ def add_slurm_parser(command) -> None:
     s.add_argument("--dry-run", action="store_true", help="print the filled-in script; submit nothing")
     s.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                    help="train.py's arguments: --config FILE and key=value overrides")
-    s.set_defaults(names_allowed=True)
     t = actions.add_parser("status", formatter_class=HelpFormatter,
                            help="a run's newest job (state, requeues, run time) and the run's last logged step")
     t.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (runs/<run.name>, or run.dir)")

@@ -56,7 +56,8 @@ def _last_line(path: Path) -> str | None:
         return None
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     exits = [line for line in lines if line.startswith("=== exit ")]
-    written = [line for line in lines if not line.startswith("=== ")]
+    # (a Slurm job's own lines, srun's and slurm/train.sbatch's, are not the point's)
+    written = [line for line in lines if not line.startswith(("=== ", "batchkit: ", "srun: ", "slurmstepd"))]
     code = exits[-1].split()[2] if exits else None
     last = written[-1][:200] if written else None
     if code not in (None, "0"):

@@ -96,6 +96,17 @@ def check_same_run(saved: dict | None, cfg: Config, step: int, checkpoint_dir: P
     return None
 
 
+def check_fresh_start(cfg: Config, run_dir: Path, checkpoints: list) -> None:
+    """Refuse (ConfigError) a start that would train over a run: ``checkpoint.resume=never`` where checkpoints
+    are, or a finished run's summary.json with no checkpoint to continue from (deleted to save space)."""
+    if cfg.checkpoint.resume == "never" and checkpoints:
+        raise ConfigError(f"checkpoint.resume=never but {run_dir / 'checkpoints'} holds checkpoints; use "
+                          f"checkpoint.resume=auto to continue that run, or another run.dir")
+    if cfg.checkpoint.resume == "auto" and not checkpoints and (run_dir / "summary.json").exists():
+        raise ConfigError(f"{run_dir} holds a finished run's summary.json but no checkpoint to continue from; start "
+                          f"a new run with run.name=NEW or run.dir=PATH")
+
+
 def finished_summary(run_dir: Path, step: int, steps: int, stop_val_loss: float | None = None) -> dict | None:
     """The run's summary if the run is complete: its checkpoint at ``train.steps`` (or at the validation that
     reached ``train.stop_val_loss``) and summary.json written for that step (a run killed between the final

@@ -31,9 +31,8 @@ from toolkit.config import Config, ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
 TRAIN_SCRIPT = ROOT / "train.py"
-EXIT_PREEMPTED = 75  # (toolkit.cli's; the template requeues on it)
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT")
+                 "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "RESV_DEL_HOLD")
 """Job states in which a job may still train (a second job on the same run directory would collide)."""
 
 
@@ -52,8 +51,9 @@ class JobSpec:
     time: str = "04:00:00"
     """Time limit, in Slurm's format (MM, HH:MM:SS, D-HH:MM ...)."""
     signal_lead_s: int = 180
-    """Seconds before the time limit at which Slurm sends SIGUSR2 (one step and a checkpoint must fit in
-    them; Slurm may send it up to a minute earlier)."""
+    """Seconds before the time limit at which Slurm sends SIGUSR2: one step and a checkpoint must fit in them.
+    At least 30 (Slurm looks at time limits every 30 s or so), and at least 60 s short of the limit (Slurm may
+    send it up to a minute early: a job signalled while it starts would make one step per allocation)."""
     partition: str | None = None
     """Partition (--partition); default: the cluster's default."""
     account: str | None = None
@@ -103,18 +103,26 @@ def check_spec(spec: JobSpec) -> None:
         if value is not None and value < least:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be at least {least}")
     limit = time_limit_s(spec.time)
-    if limit == 0:
-        raise ConfigError(f"--time={spec.time} is zero; give the job some time (e.g. 04:00:00)")
-    if spec.signal_lead_s >= limit:
+    if spec.signal_lead_s < 30:
+        raise ConfigError(f"--signal-lead={spec.signal_lead_s} s is too short: Slurm checks time limits about every "
+                          f"30 s, so the signal could come with the limit itself; give at least 30")
+    if limit - spec.signal_lead_s < 60:
         raise ConfigError(f"--signal-lead={spec.signal_lead_s} s is not before the time limit --time={spec.time} "
-                          f"({limit} s); it must be shorter than the limit")
+                          f"({limit} s) by a minute or more (Slurm may send the signal up to 60 s early); raise "
+                          f"--time or lower --signal-lead")
+    if spec.gpus_per_node and spec.procs_per_node and spec.procs_per_node != spec.gpus_per_node:
+        raise ConfigError(f"--procs-per-node={spec.procs_per_node} with --gpus-per-node={spec.gpus_per_node}: each "
+                          f"rank takes one GPU (the one of its local rank), so they must be equal")
 
 
 def check_run(train_args: list[str], world_size: int) -> tuple[Config, str | None]:
     """The run's config, checked as ``train.py`` would check it on ``world_size`` ranks, and the run directory
-    as a new job would find it. Returns (config, None), or (config, the line saying the run is already
-    finished). Raises ConfigError for a bad config, a plan that does not divide, or a run directory holding
-    another run's checkpoint."""
+    as a new job would find it (the trainer's own rules: toolkit/rundir.py). Returns (config, None), or (config,
+    the line saying the run is already finished). Raises ConfigError for a bad config, a plan that does not
+    divide, a ``checkpoint.resume`` that cannot be followed, or a run directory holding another run.
+
+    The newest checkpoint's state.json is read without verifying the checkpoint's checksums (which would
+    read gigabytes on the submitting host): the job verifies it, and falls back to an older one if need be."""
     from toolkit import checkpoint, rundir
     from toolkit.batch import schedule_for_config
     from toolkit.cli import build_train_parser, check_launch
@@ -126,19 +134,27 @@ def check_run(train_args: list[str], world_size: int) -> tuple[Config, str | Non
                           "Slurm job")
     cfg = load_config(args.config, args.overrides)
     check_launch(cfg, world_size)
-    run_dir = cfg.run_dir
-    newest = checkpoint.newest_valid(run_dir / "checkpoints", warn=lambda line: None)
-    if newest is None or cfg.checkpoint.resume != "auto":
+    run_dir, resume = cfg.run_dir, cfg.checkpoint.resume
+    found = [path for _, path in checkpoint.list_checkpoints(run_dir / "checkpoints")]
+    if resume not in ("auto", "never"):
+        if not (Path(resume) / "state.json").is_file():
+            raise ConfigError(f"checkpoint.resume={resume}: no checkpoint there (no state.json); give a checkpoint "
+                              f"folder (run.dir/checkpoints/step-NNNNNNNN), auto or never")
         return cfg, None
-    state = checkpoint.read_state(newest, verify_first=False)
-    rundir.check_same_run(state.config, cfg, state.step, newest, run_dir)
+    rundir.check_fresh_start(cfg, run_dir, found)
+    if not found:
+        return cfg, None
+    try:
+        state = checkpoint.read_state(found[0], verify_first=False)
+    except checkpoint.CheckpointError:
+        return cfg, None  # unreadable: the job skips it for an older valid one, or says why it cannot
+    rundir.check_same_run(state.config, cfg, state.step, found[0], run_dir)
     if cfg.batch.global_size != "full":
         global_size = schedule_for_config(cfg, world_size)[0].global_size
         if state.plan["global_size"] != global_size:
-            raise ConfigError(f"batch.global_size={global_size} but {newest} was trained with "
+            raise ConfigError(f"batch.global_size={global_size} but {found[0]} was trained with "
                               f"{state.plan['global_size']}; the global batch cannot change within a run")
-    summary = rundir.finished_summary(run_dir, state.step, cfg.train.steps, cfg.train.stop_val_loss)
-    if summary is None:
+    if rundir.finished_summary(run_dir, state.step, cfg.train.steps, cfg.train.stop_val_loss) is None:
         return cfg, None
     return cfg, (f"{run_dir} is already finished: {state.step} steps (summary.json); nothing submitted. Raise "
                  f"train.steps to train it further, or start a new run with run.name=NEW")
@@ -146,14 +162,16 @@ def check_run(train_args: list[str], world_size: int) -> tuple[Config, str | Non
 
 # ----------------------------------------------------------------------------------------- the script
 def sbatch_options(spec: JobSpec, output: Path, workdir: Path, array: str | None = None) -> list[str]:
-    """The job's ``#SBATCH`` options, in the template's order."""
+    """The job's sbatch options, in the template's order (unquoted: ``sbatch_line`` quotes them for the
+    script). In ``output``, ``%j`` (``%A``, ``%a``) are Slurm's; a literal ``%`` of a path is written ``%%``."""
+    output_pattern = str(output).replace("%", "%%").replace("%%j", "%j").replace("%%A", "%A").replace("%%a", "%a")
     options = [f"--job-name={spec.job_name}", f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.ranks_per_node}"]
     if spec.gpus_per_node:
         options.append(f"--gpus-per-node={spec.gpus_per_node}")
     if spec.cpus_per_task:
         options.append(f"--cpus-per-task={spec.cpus_per_task}")
     options += [f"--time={spec.time}", f"--signal=USR2@{spec.signal_lead_s}", "--requeue", "--open-mode=append",
-                f"--output={output}", f"--chdir={workdir}"]
+                f"--output={output_pattern}", f"--chdir={workdir}"]
     if spec.partition:
         options.append(f"--partition={spec.partition}")
     if spec.account:
@@ -161,6 +179,14 @@ def sbatch_options(spec: JobSpec, output: Path, workdir: Path, array: str | None
     if array:
         options.append(f"--array={array}")
     return options + list(spec.sbatch_args)
+
+
+def sbatch_line(option: str) -> str:
+    """``#SBATCH --key=value`` with the value in double quotes when it has a space, a quote or a ``#``."""
+    key, eq, value = option.partition("=")
+    if eq and any(c in value for c in ' \t"#\''):
+        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"#SBATCH {key}{eq}{value}"
 
 
 def settings_block(spec: JobSpec, script: Path, tasks: list[tuple[list[str], Path | None]]) -> list[str]:
@@ -186,7 +212,7 @@ def render(spec: JobSpec, tasks: list[tuple[list[str], Path | None]], output: Pa
     for line in template.read_text().splitlines():
         if line.startswith("#SBATCH"):
             if not options_written:
-                out += [f"#SBATCH {option}" for option in sbatch_options(spec, output, workdir, array)]
+                out += [sbatch_line(option) for option in sbatch_options(spec, output, workdir, array)]
                 options_written = True
             continue
         if line.startswith("# ---- settings"):
@@ -212,24 +238,44 @@ def _slurm_command(name: str) -> str:
     return found
 
 
-def sbatch(path: Path) -> str:
-    """Submit ``path``; returns the job id. Raises ConfigError with sbatch's own message if it refuses."""
-    result = subprocess.run([_slurm_command("sbatch"), "--parsable", str(path)], capture_output=True, text=True)
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """A Slurm client command, in a session of its own (a Ctrl-C at the terminal is the caller's to handle,
+    not a reason for sbatch to die between submitting and printing the job id)."""
+    return subprocess.run(cmd, capture_output=True, text=True, start_new_session=True)
+
+
+def sbatch(path: Path, options: list[str]) -> str:
+    """Submit ``path`` with ``options`` (the script's own #SBATCH options, given again on the command line, where
+    they beat any SBATCH_* variable of the user's environment); returns the job id. Raises ConfigError with
+    sbatch's own message if it refuses."""
+    result = _run([_slurm_command("sbatch"), "--parsable", *options, str(path)])
     if result.returncode != 0:
         message = " ".join(result.stderr.split()) or f"exit {result.returncode}"
         raise ConfigError(f"sbatch refused {path}: {message}")
     return result.stdout.strip().split(";")[0]
 
 
+class SlurmUnavailable(ConfigError):
+    """scontrol failed for another reason than an unknown job (the controller down or busy)."""
+
+
+def job_records(job_id: str) -> list[dict[str, str]]:
+    """``scontrol show job`` as one dict per record (JobState, Restarts, RunTime, TimeLimit, NodeList, Reason,
+    ExitCode, ArrayTaskId ...); [] when Slurm no longer knows the job. Raises SlurmUnavailable when scontrol
+    fails otherwise: a controller that does not answer must not look like a job that ended."""
+    result = _run([_slurm_command("scontrol"), "show", "job", "--oneliner", job_id])
+    if result.returncode != 0:
+        if "Invalid job id" in result.stderr:
+            return []
+        raise SlurmUnavailable(f"scontrol show job {job_id} failed: {' '.join(result.stderr.split()) or result.returncode}")
+    return [dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line)) for line in result.stdout.splitlines()
+            if line.strip()]
+
+
 def job_info(job_id: str) -> dict[str, str] | None:
-    """``scontrol show job`` as a dict (JobState, Restarts, RunTime, TimeLimit, NodeList, Reason, ExitCode ...),
-    or None when Slurm no longer knows the job. For an array, its first task's record."""
-    result = subprocess.run([_slurm_command("scontrol"), "show", "job", "--oneliner", job_id],
-                            capture_output=True, text=True)
-    if result.returncode != 0 or not result.stdout.strip():
-        return None
-    first = result.stdout.strip().splitlines()[0]
-    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", first))
+    """The job's record (for an array, its first task's), or None when Slurm no longer knows the job."""
+    records = job_records(job_id)
+    return records[0] if records else None
 
 
 def task_ids(spec: str) -> list[str]:
@@ -245,11 +291,8 @@ def task_ids(spec: str) -> list[str]:
 def array_states(job_id: str) -> dict[str, str]:
     """State of each task of a job array, from ``scontrol show job``: {task id: state} (tasks that Slurm no
     longer knows are missing)."""
-    result = subprocess.run([_slurm_command("scontrol"), "show", "job", "--oneliner", job_id],
-                            capture_output=True, text=True)
     states = {}
-    for line in result.stdout.splitlines():
-        fields = dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line))
+    for fields in job_records(job_id):
         for task in task_ids(fields.get("ArrayTaskId", "")):
             states[task] = fields.get("JobState", "UNKNOWN")
     return states
@@ -292,7 +335,7 @@ def submit(spec: JobSpec, train_args: list[str], script: Path = TRAIN_SCRIPT, dr
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     pending = run_dir / "slurm" / "job-pending.sbatch"
     pending.write_text(text)
-    job_id = sbatch(pending)
+    job_id = sbatch(pending, sbatch_options(spec, output, Path.cwd()))
     path = pending.with_name(f"job-{job_id}.sbatch")
     pending.rename(path)
     record = {"job_id": job_id, "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "sbatch": str(path),

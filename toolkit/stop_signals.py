@@ -22,6 +22,7 @@ STOP_SIGNALS = (*PREEMPT_SIGNALS, signal.SIGINT)
 """Signals the trainer stops on after the step in flight (a Ctrl-C too; a second one stops at once)."""
 
 _noted: list[int] = []
+_replaced: dict[int, object] = {}  # the handlers catch_early replaced, for the trainer to put back at its end
 
 
 def _note(signum, frame) -> None:
@@ -34,9 +35,17 @@ def _note(signum, frame) -> None:
 def catch_early() -> None:
     """Note SIGTERM/SIGUSR1/SIGUSR2 until the trainer's own handlers take over (main thread only)."""
     for signum in PREEMPT_SIGNALS:
-        signal.signal(signum, _note)
+        previous = signal.signal(signum, _note)
+        if previous is not _note:
+            _replaced.setdefault(signum, previous)
 
 
-def early_signal() -> int | None:
-    """The first stop signal noted before training began, if any."""
-    return _noted[0] if _noted else None
+def take_early() -> tuple[int | None, dict[int, object]]:
+    """For the trainer, once its own handlers are in place: the first stop signal noted before training began
+    (None if none) and the handlers catch_early replaced (to restore when the run ends); both are forgotten
+    here, so a second run in the same process starts clean."""
+    noted = _noted[0] if _noted else None
+    replaced = dict(_replaced)
+    _noted.clear()
+    _replaced.clear()
+    return noted, replaced

@@ -70,10 +70,11 @@ def submit_points(sweep: Sweep, points: list[Point], spec: slurm.JobSpec, train_
         tasks = [(train_args(p), sweep.out / p.run_dir / "train.log") for p in group]
         for p in group:
             (sweep.out / p.run_dir).mkdir(parents=True, exist_ok=True)
-        text = slurm.render(group_spec, tasks, folder / "slurm-%A_%a.out", Path.cwd(), array=f"0-{len(group) - 1}")
+        array = f"0-{len(group) - 1}"
+        text = slurm.render(group_spec, tasks, folder / "slurm-%A_%a.out", Path.cwd(), array=array)
         pending = folder / "array-pending.sbatch"
         pending.write_text(text)
-        job_id = slurm.sbatch(pending)
+        job_id = slurm.sbatch(pending, slurm.sbatch_options(group_spec, folder / "slurm-%A_%a.out", Path.cwd(), array))
         pending.rename(folder / f"array-{job_id}.sbatch")
         record = {"job_id": job_id, "points": [p.name for p in group], "processes": processes,
                   "submitted": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -91,8 +92,15 @@ def wait(sweep: Sweep, names: list[str], finished: Callable[[Point], dict | None
     names still active when ``stop()`` turned true (empty when all ended)."""
     by_name = {p.name: p for p in sweep.points}
     waiting = set(names)
+    active: dict[str, str] = {name: "" for name in names}
+    unanswered = False
     while True:
-        active = active_points(sweep)
+        try:
+            active, unanswered = active_points(sweep), False
+        except slurm.SlurmUnavailable as exc:  # keep the last known states; ask again
+            if not unanswered:
+                say(f"Slurm does not answer ({exc}); still waiting")
+            unanswered = True
         for name in sorted(waiting - set(active)):
             waiting.discard(name)
             point = by_name[name]

@@ -48,7 +48,7 @@ from toolkit.memory import PeakMeter, predict_for_config
 from toolkit.metrics import NoiseScale, mfu, peak_flops
 from toolkit.model import build_model, flops_per_token, num_params, optimizer_groups, shape_from_config
 from toolkit.schedule import lr_at
-from toolkit.stop_signals import STOP_SIGNALS, early_signal
+from toolkit.stop_signals import STOP_SIGNALS, take_early
 from toolkit.tracking import WANDB_NAMES, MetricsLog, start_wandb, write_json_atomic
 
 
@@ -216,8 +216,10 @@ class Trainer:
             open(self.run_dir / f"samples-rank{self.rank}.jsonl", "w") if cfg.run.record_samples else None
         )
         self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
-        if early_signal() is not None and self._stop_signal is None:  # it came while this process started
-            self._stop_signal = early_signal()
+        early, replaced = take_early()
+        self._previous_handlers.update(replaced)  # at the end, the handlers from before train.py noted signals
+        if early is not None and self._stop_signal is None:  # a stop signal came while this process started
+            self._stop_signal = early
         self.first_step = self.step  # where this process started (after a resume, the checkpoint's step)
         self.progress = tqdm(
             total=cfg.train.steps, initial=self.step,
@@ -335,18 +337,12 @@ class Trainer:
         """
         cfg = self.cfg.checkpoint
         if cfg.resume == "never":
-            if checkpoint.list_checkpoints(self.checkpoint_root):
-                raise ConfigError(
-                    f"checkpoint.resume=never but {self.checkpoint_root} holds checkpoints; use checkpoint.resume=auto "
-                    f"to continue that run, or another run.dir"
-                )
+            rundir.check_fresh_start(self.cfg, self.run_dir, checkpoint.list_checkpoints(self.checkpoint_root))
             return None
         folder = Path(cfg.resume) if cfg.resume != "auto" else self.agree_on_newest_checkpoint()
         if folder is None:
-            if cfg.resume == "auto" and (self.run_dir / "summary.json").exists():
-                # A finished run whose checkpoints were deleted: starting again would overwrite its metrics.
-                raise ConfigError(f"{self.run_dir} holds a finished run's summary.json but no checkpoint to continue "
-                                  f"from; start a new run with run.name=NEW or run.dir=PATH")
+            # A finished run whose checkpoints were deleted: starting again would overwrite its metrics.
+            rundir.check_fresh_start(self.cfg, self.run_dir, [])
             return None
         # The main process judges (the others would read the same files) and every rank follows its verdict,
         # so that no rank goes on into a collective that another has left.
