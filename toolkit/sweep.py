@@ -449,14 +449,18 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike | None = None, dry
                 say(f"{tag}: done in {took:.0f} s, {_finish_line(summary, sweep.target_loss)}")
             if signals.signum is not None:
                 return _stopped(sweep, None, signals.signum, say)
-        say(f"sweep {sweep.spec.name}: {total - len(failed)} of {total} points done "
-            f"({time.monotonic() - started:.0f} s in this command)")
-        _report(sweep, say)
-        if failed:
-            say(f"failed points ({len(failed)}): " + "; ".join(
-                f"{p.name} (see {sweep.out / p.run_dir / 'train.log'})" for p in failed))
-            say("run the same command again to retry them (finished points are not run again)")
-            return 1
+        return finish(sweep, failed, f" ({time.monotonic() - started:.0f} s in this command)", say)
+
+
+def finish(sweep: Sweep, failed: list[Point], took: str, say: Callable[[str], None]) -> int:
+    """The sweep's last lines and its report; returns the exit code (1 if any point failed)."""
+    say(f"sweep {sweep.spec.name}: {len(sweep.points) - len(failed)} of {len(sweep.points)} points done{took}")
+    _report(sweep, say)
+    if failed:
+        say(f"failed points ({len(failed)}): " + "; ".join(
+            f"{p.name} (see {sweep.out / p.run_dir / 'train.log'})" for p in failed))
+        say("run the same command again to retry them (finished points are not run again)")
+        return 1
     return 0
 
 

@@ -133,7 +133,7 @@ def train_args(sweep: Sweep, point: Point) -> list[str]:
 def run(sweep: Sweep, spec: slurm.JobSpec, say: Callable[[str], None]) -> int:
     """Submit the unfinished points as job arrays (those a job of this sweep still runs are waited for, not
     submitted again), wait for them, write the report. Ctrl-C stops the waiting only."""
-    from toolkit.sweep import _finish_line, _report, _Signals, finished
+    from toolkit.sweep import _finish_line, _Signals, finish, finished
 
     todo = []
     for point in sweep.points:
@@ -156,12 +156,4 @@ def run(sweep: Sweep, spec: slurm.JobSpec, say: Callable[[str], None]) -> int:
                 f"({', '.join(left)}): run the same command again to wait for them and write the report, or "
                 f"scancel their jobs (listed in {sweep.out / 'slurm' / 'jobs.jsonl'})")
             return 128 + signals.signum
-    failed = [p for p in todo if finished(sweep.out / p.run_dir, p.steps) is None]
-    say(f"sweep {sweep.spec.name}: {len(sweep.points) - len(failed)} of {len(sweep.points)} points done")
-    _report(sweep, say)
-    if failed:
-        say(f"failed points ({len(failed)}): " + "; ".join(
-            f"{p.name} (see {sweep.out / p.run_dir / 'train.log'})" for p in failed))
-        say("run the same command again to retry them (finished points are not run again)")
-        return 1
-    return 0
+    return finish(sweep, [p for p in todo if finished(sweep.out / p.run_dir, p.steps) is None], "", say)
