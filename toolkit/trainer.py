@@ -180,7 +180,10 @@ class Trainer:
             return self.finish()
         except Preempted as exc:
             # Said at once, on every rank: a launcher may end the other ranks as soon as one exits.
-            print(f"stopped: {exc}", file=sys.stderr, flush=True)
+            # One write: ranks share the launcher's stderr, and unbuffered, print() writes the line and its
+            # newline apart, so that two ranks' lines could run together.
+            sys.stderr.write(f"stopped: {exc}\n")
+            sys.stderr.flush()
             self.close()
             raise
         except (NonFiniteError, checkpoint.CheckpointWriteError):
