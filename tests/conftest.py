@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,13 @@ def train(overrides: list[str], processes: int = 1, timeout: float = 240, check:
     return result
 
 
+def train_together(jobs: list[list[str]], timeout: float = 240, check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Independent one-process runs (lists of overrides) at the same time: each uses one core (one OMP thread),
+    so two of them take the wall time of one on a 2-core machine. Only for runs whose test times nothing."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda overrides: train(overrides, timeout=timeout, check=check), jobs))
+
+
 def final_weights(run_dir: Path) -> dict:
     """The final weights a run wrote (``run.dir/final/model.safetensors``)."""
     from safetensors.torch import load_file
@@ -97,6 +106,89 @@ def final_weights(run_dir: Path) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------- the default job
+
+# The acceptance limit on a 2-core machine for the default job (tests/test_train_run.py); BATCHKIT_ACCEPT_TIMEOUT
+# raises it on a shared or slower machine.
+ACCEPT_TIMEOUT = float(os.environ.get("BATCHKIT_ACCEPT_TIMEOUT", "180"))
+
+
+def report(request, message: str) -> None:
+    """A line on the terminal even with output captured (and in the captured output, for failures)."""
+    print(message)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(message)
+
+
+def run_default_job(request, run_dir: Path, processes: int, wandb: bool = False) -> dict:
+    """The default job (configs/tiny.yaml, nothing but run.dir set), as a user's shell starts it: one process
+    (``python train.py``) gets the shell's thread settings rather than the one OMP thread of every other child
+    here, so torch uses the machine's cores as it does for a user (on 2 cores 1.4x faster; the same losses to
+    ~1e-5); two processes get one thread each, as torchrun gives them. ``wandb``: W&B on, offline
+    (no API key), as for a user without an account; otherwise disabled."""
+    env = child_env(wandb=wandb)
+    if processes == 1:
+        if "OMP_NUM_THREADS" in os.environ:
+            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+        else:
+            env.pop("OMP_NUM_THREADS")
+    started = time.perf_counter()
+    result = train([f"run.dir={run_dir}"], processes=processes, timeout=ACCEPT_TIMEOUT, env=env)
+    wall = time.perf_counter() - started
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report(request, f"default job, {processes} process(es){', W&B offline' if wandb else ''}: wall {wall:.1f} s "
+                    f"(limit {ACCEPT_TIMEOUT:.0f} s), first loss {summary.get('first_loss'):.4f}, final loss "
+                    f"{summary['final_loss']:.4f}, val loss {summary['val_loss']:.4f}, "
+                    f"{summary['tokens_per_s']:,.0f} tokens/s")
+    return {"dir": run_dir, "wall": wall, "stdout": result.stdout, "stderr": result.stderr, "summary": summary,
+            "processes": processes, "wandb": wandb}
+
+
+@pytest.fixture(scope="session")
+def default_job_two_processes(request, tmp_path_factory) -> dict:
+    """The default job on two gloo processes with W&B offline, run once for the whole session: one of the
+    acceptance runs of tests/test_train_run.py, and the W&B run that tests/test_wandb.py reads back."""
+    return run_default_job(request, tmp_path_factory.mktemp("default-2proc") / "run", 2, wandb=True)
+
+
+# ----------------------------------------------------------------------------------------- runs shared by files
+
+
+def fresh_child_env() -> dict:
+    """child_env() without the settings the toolkit makes for DeepSpeed (DS_ACCELERATOR, LOCAL_SIZE): a value
+    inherited from this process (set by an in-process run of another test) would hide what the toolkit itself
+    does (tests/test_output.py)."""
+    env = child_env()
+    for key in ("DS_ACCELERATOR", "LOCAL_SIZE"):
+        env.pop(key, None)
+    return env
+
+
+# The DeepSpeed equivalence job (tests/test_deepspeed.py): global 8 = micro 2 x accumulation 2 x 2 processes.
+ZERO_JOB = [*small_job(8, 5), "batch.micro_size=2", "checkpoint.every_steps=0"]
+
+
+@pytest.fixture(scope="session")
+def ddp_two_processes(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """ZERO_JOB under plain DDP on 2 processes, with its samples recorded: the reference of tests/test_deepspeed.py
+    and the 2x2x2 split of tests/test_invariance.py (the same run: recording samples changes no number)."""
+    run_dir = tmp_path_factory.mktemp("ddp-2x2x2") / "run"
+    return run_dir, train([*ZERO_JOB, "run.record_samples=true", f"run.dir={run_dir}"], processes=2)
+
+
+@pytest.fixture(scope="session")
+def zero3_offload_two_processes(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """ZERO_JOB through launch/zero3-offload.yaml (ZeRO-3, optimizer and parameters offloaded) on 2 processes,
+    started as from a fresh shell (fresh_child_env): tests/test_deepspeed.py compares its numbers with DDP's,
+    tests/test_output.py counts the lines it prints."""
+    run_dir = tmp_path_factory.mktemp("zero3-offload") / "run"
+    result = train([*ZERO_JOB, f"run.dir={run_dir}"], processes=2, launch="zero3-offload.yaml", env=fresh_child_env())
+    return run_dir, result
 
 
 def kill_job(proc: subprocess.Popen) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,19 @@ SMALL = ["model.size=nano", "model.vocab_size=256", "data.source=synthetic", "da
 
 def no_barrier() -> None:
     pass
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One real finished 15-step run (checkpoints at steps 5, 10 and 15), run once for the module: each
+    end-to-end test below damages or resumes a copy of it (``finished_copy``), never the run itself."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    train([*SMALL, "train.steps=15", f"run.dir={run_dir}"])
+    return run_dir
+
+
+def finished_copy(finished: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
 def write_one(root: Path, step: int) -> Path:
@@ -126,11 +140,10 @@ def test_metrics_are_cut_after_the_checkpoint_step_not_rewritten(tmp_path):
     assert [r["step"] for r in log.history] == [5, 10, 15]
 
 
-def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
+def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path, finished):
     """End to end: truncate the newest checkpoint of a finished run; resume falls back with one warning
     line and finishes with the same weights as the uninterrupted run."""
-    run_dir = tmp_path / "run"
-    train([*SMALL, "train.steps=15", f"run.dir={run_dir}"])
+    run_dir = finished_copy(finished, tmp_path)
     reference = load_file(str(run_dir / "final" / "model.safetensors"))
     newest = run_dir / "checkpoints" / "step-00000015"
     (newest / "optimizer.pt").write_bytes((newest / "optimizer.pt").read_bytes()[:100])
@@ -144,16 +157,15 @@ def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
     assert train_steps == [5, 10, 15]
 
 
-def test_no_valid_checkpoint_at_all_is_refused_not_restarted(tmp_path):
+def test_no_valid_checkpoint_at_all_is_refused_not_restarted(tmp_path, finished):
     """If every checkpoint is damaged, auto-resume refuses (exit 2) instead of starting over and
     overwriting metrics.jsonl."""
-    run_dir = tmp_path / "run"
-    train([*SMALL, "train.steps=10", f"run.dir={run_dir}"])
+    run_dir = finished_copy(finished, tmp_path)
     for folder in (run_dir / "checkpoints").iterdir():
         (folder / "model.safetensors").write_bytes(b"0")
     metrics = (run_dir / "metrics.jsonl").read_bytes()
-    result = train([*SMALL, "train.steps=10", f"run.dir={run_dir}"], check=False)
-    assert result.returncode == 2 and "none of the 2 checkpoints" in result.stderr, result.stderr
+    result = train([*SMALL, "train.steps=15", f"run.dir={run_dir}"], check=False)
+    assert result.returncode == 2 and "none of the 3 checkpoints" in result.stderr, result.stderr
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
 
 
@@ -170,31 +182,29 @@ def test_rerunning_a_finished_two_process_run_ends_at_once(tmp_path):
     assert (run_dir / "summary.json").read_bytes() == summary
 
 
-def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):
-    run_dir = tmp_path / "run"
-    train([*SMALL, "train.steps=5", f"run.dir={run_dir}"])
+def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path, finished):
+    run_dir = finished_copy(finished, tmp_path)
     def files():  # the run's files; .lock only records who holds the run directory now
         return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
 
     before = files()
-    result = train([*SMALL, "train.steps=5", f"run.dir={run_dir}", "checkpoint.resume=never"], check=False)
+    result = train([*SMALL, "train.steps=15", f"run.dir={run_dir}", "checkpoint.resume=never"], check=False)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: checkpoint.resume=never"), result.stderr
     assert files() == before
 
 
-def test_resume_from_an_explicit_path_and_a_changed_global_batch_is_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    train([*SMALL, "train.steps=10", f"run.dir={run_dir}"])
+def test_resume_from_an_explicit_path_and_a_changed_global_batch_is_refused(tmp_path, finished):
+    run_dir = finished_copy(finished, tmp_path)
     folder = run_dir / "checkpoints" / "step-00000005"
     other = tmp_path / "other"
-    result = train([*SMALL, "train.steps=10", f"run.dir={other}", f"checkpoint.resume={folder}"])
+    result = train([*SMALL, "train.steps=15", f"run.dir={other}", f"checkpoint.resume={folder}"])
     assert f"resumed from {folder} at step 5" in result.stdout
     a = load_file(str(run_dir / "final" / "model.safetensors"))
     b = load_file(str(other / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    bad = train([*SMALL, "train.steps=10", "batch.global_size=16", f"run.dir={tmp_path / 'x'}",
+    bad = train([*SMALL, "train.steps=15", "batch.global_size=16", f"run.dir={tmp_path / 'x'}",
                  f"checkpoint.resume={folder}"], check=False)
     assert bad.returncode == 2 and "cannot change within a run" in bad.stderr
 

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, final_weights, read_jsonl, small_job, train
+from conftest import ROOT, ZERO_JOB, final_weights, read_jsonl, train
 from test_resume_kill import start_and_kill, valid_checkpoints
 
 from toolkit.bench import max_rel_diff
 
-COMMON = [*small_job(8, 5), "batch.micro_size=2", "checkpoint.every_steps=0"]
+COMMON = ZERO_JOB  # conftest.py: small_job(8, 5), micro 2, no checkpoint before the end
 TOL = 1e-4
 NORM_TOL = 1e-5
 # mode -> (extra overrides, launch file or None for launch/cpu.yaml)
@@ -39,10 +39,15 @@ ABORT_SIGNS = ("terminate called", "Aborted", "core dumped", "Traceback", "Segme
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+def runs(tmp_path_factory, ddp_two_processes, zero3_offload_two_processes) -> dict[str, tuple[Path, object]]:
+    """Each mode's run. DDP's and ZeRO-3-offload's are made once for the session (conftest.py): the DDP run is
+    also tests/test_invariance.py's 2x2x2 split, the offload run's output is what tests/test_output.py checks."""
     root = tmp_path_factory.mktemp("deepspeed")
-    done = {"ddp": (root / "ddp", train([*COMMON, f"run.dir={root / 'ddp'}"], processes=2))}
+    assert MODES["zero3-offload"] == ([], "zero3-offload.yaml")  # what the shared run was started with
+    done = {"ddp": ddp_two_processes, "zero3-offload": zero3_offload_two_processes}
     for name, (extra, launch) in MODES.items():
+        if name in done:
+            continue
         started = time.perf_counter()
         result = train([*COMMON, *extra, f"run.dir={root / name}"], processes=2, launch=launch)
         print(f"{name}: {time.perf_counter() - started:.1f} s")

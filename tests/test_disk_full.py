@@ -76,7 +76,9 @@ def assert_left_clean(run_dir: Path) -> None:
 
 
 def test_full_disk_stops_with_one_line_and_exit_4_leaving_the_last_checkpoint(small_disk):
-    run_dir = small_disk("14m") / "run"
+    """Then, with space freed, the same command resumes from the intact checkpoint (one full disk for both)."""
+    disk = small_disk("14m")
+    run_dir = disk / "run"
     result = fill_the_disk(run_dir)
     assert result.returncode == EXIT_DISK_FULL
     assert "Traceback" not in result.stderr
@@ -89,11 +91,7 @@ def test_full_disk_stops_with_one_line_and_exit_4_leaving_the_last_checkpoint(sm
     assert_left_clean(run_dir)
     assert not (run_dir / "summary.json").exists()
 
-
-def test_rerun_after_freeing_space_resumes_from_the_intact_checkpoint(small_disk):
-    disk = small_disk("14m")
-    run_dir = disk / "run"
-    assert fill_the_disk(run_dir).returncode == EXIT_DISK_FULL
+    # The rerun after freeing space.
     remount(disk, "64m")
     rerun = train([*RUN, f"run.dir={run_dir}"], timeout=150)
     assert f"resumed from {run_dir / 'checkpoints' / INTACT}" in rerun.stdout

@@ -15,7 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, child_env, final_weights, kill_job, read_jsonl, run, train, train_cmd
+from conftest import (
+    PYTHON,
+    ROOT,
+    child_env,
+    final_weights,
+    kill_job,
+    read_jsonl,
+    run,
+    train,
+    train_cmd,
+    train_together,
+)
 
 from toolkit.cli import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
@@ -94,12 +105,27 @@ def test_rerunning_a_finished_run_changes_nothing_and_says_so(tmp_path):
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
 
 
-def test_a_resumed_runs_summary_covers_every_segment(tmp_path):
+# A finished 10-step run with checkpoints at steps 5 and 10: made once for the module (``finished``), and each
+# test that starts from it works on a copy (``copy_of``).
+FINISHED = [*SMALL, "train.steps=10", "checkpoint.every_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    train([*FINISHED, f"run.dir={run_dir}"])
+    return run_dir
+
+
+def copy_of(finished: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def test_a_resumed_runs_summary_covers_every_segment(tmp_path, finished):
     """Killed after its final checkpoint (before the summary), the rerun's summary still holds the whole run's
     time, throughput and memory; extended (train.steps raised), the summary covers both segments."""
-    run_dir = tmp_path / "run"
-    config = [*SMALL, "train.steps=10", "checkpoint.every_steps=5", f"run.dir={run_dir}"]
-    train(config)
+    run_dir = copy_of(finished, tmp_path)
+    config = [*FINISHED, f"run.dir={run_dir}"]
     first = json.loads((run_dir / "summary.json").read_text())
     (run_dir / "summary.json").unlink()  # as if killed between the final checkpoint and the summary
 
@@ -124,15 +150,13 @@ def test_a_resumed_runs_summary_covers_every_segment(tmp_path):
 # ----------------------------------------------------------------------------------------- 2. another command
 
 
-def test_a_different_config_on_a_run_dir_is_refused_naming_the_keys(tmp_path):
-    run_dir = tmp_path / "run"
-    train([*SMALL, "train.steps=5", f"run.dir={run_dir}"])
+def test_a_different_config_on_a_run_dir_is_refused_naming_the_keys(tmp_path, finished):
+    run_dir = copy_of(finished, tmp_path)
     before = snapshot(run_dir)
-    result = train([*SMALL, "train.steps=5", f"run.dir={run_dir}", "batch.global_size=16", "optim.lr=0.001"],
-                   check=False)
+    result = train([*FINISHED, f"run.dir={run_dir}", "batch.global_size=16", "optim.lr=0.001"], check=False)
     one_error_line(result, "batch.global_size: 8 -> 16", "optim.lr: 0.003 -> 0.001", "run.name=NEW")
-    shorter = train([*SMALL, "train.steps=3", f"run.dir={run_dir}"], check=False)
-    one_error_line(shorter, "already at step 5", "train.steps=3")
+    shorter = train([*FINISHED, "train.steps=3", f"run.dir={run_dir}"], check=False)
+    one_error_line(shorter, "already at step 10", "train.steps=3")
     assert snapshot(run_dir) == before  # nothing written, nothing lost
 
 
@@ -142,9 +166,9 @@ def test_hardware_and_launch_keys_may_change_within_a_run(tmp_path):
     does not move it)."""
     schedule = ["optim.warmup_samples=16", "optim.decay_samples=80"]
     reference = tmp_path / "reference"
-    train([*SMALL, *schedule, "train.steps=10", f"run.dir={reference}"])
     run_dir = tmp_path / "run"
-    train([*SMALL, *schedule, "train.steps=5", f"run.dir={run_dir}"])
+    train_together([[*SMALL, *schedule, "train.steps=10", f"run.dir={reference}"],
+                    [*SMALL, *schedule, "train.steps=5", f"run.dir={run_dir}"]])
     result = train([*SMALL, *schedule, "train.steps=10", f"run.dir={run_dir}", "batch.micro_size=4",
                     "train.log_every=1", "checkpoint.keep=1"])
     assert "resumed from" in result.stdout and "at step 5" in result.stdout
@@ -164,12 +188,11 @@ def test_debug_mode_uses_its_own_run_directory(tmp_path):
     assert json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())["steps"] == 5
 
 
-def test_a_finished_run_without_checkpoints_is_not_trained_over(tmp_path):
-    run_dir = tmp_path / "run"
-    train([*SMALL, "train.steps=5", f"run.dir={run_dir}"])
+def test_a_finished_run_without_checkpoints_is_not_trained_over(tmp_path, finished):
+    run_dir = copy_of(finished, tmp_path)
     shutil.rmtree(run_dir / "checkpoints")  # deleted to save space
     before = snapshot(run_dir)
-    one_error_line(train([*SMALL, "train.steps=5", f"run.dir={run_dir}"], check=False), "summary.json but no checkpoint")
+    one_error_line(train([*FINISHED, f"run.dir={run_dir}"], check=False), "summary.json but no checkpoint")
     assert snapshot(run_dir) == before
 
 

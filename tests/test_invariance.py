@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import final_weights, read_jsonl, small_job, train
+from conftest import ZERO_JOB, final_weights, read_jsonl, small_job, train, train_together
 
 from toolkit.bench import max_rel_diff
 
@@ -62,16 +62,24 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """The runs, once per module: split name -> run directory."""
+def runs(tmp_path_factory, ddp_two_processes) -> dict[str, Path]:
+    """The runs, once per module: split name -> run directory. The one-process runs go at the same time (one
+    core each), then the two-process runs one after the other. 2x2x2 is conftest.py's DDP run of the same job
+    (made once for the session: tests/test_deepspeed.py's reference)."""
     root = tmp_path_factory.mktemp("invariance")
-    dirs = {}
+    dirs = {name: root / name for name in SPLITS}
+    assert set(COMMON) <= {*ZERO_JOB, "run.record_samples=true"} and "batch.micro_size=2" in ZERO_JOB  # the same job
+    dirs["2x2x2"] = ddp_two_processes[0]
+    single = [name for name, (processes, _) in SPLITS.items() if processes == 1]
+    started = time.perf_counter()
+    train_together([[*COMMON, f"batch.micro_size={SPLITS[name][1]}", f"run.dir={dirs[name]}"] for name in single])
+    print(f"runs {', '.join(single)}, together: {time.perf_counter() - started:.1f} s")
     for name, (processes, micro) in SPLITS.items():
-        run_dir = root / name
+        if processes == 1 or name == "2x2x2":
+            continue
         started = time.perf_counter()
-        train([*COMMON, f"batch.micro_size={micro}", f"run.dir={run_dir}"], processes=processes)
+        train([*COMMON, f"batch.micro_size={micro}", f"run.dir={dirs[name]}"], processes=processes)
         print(f"run {name}: {time.perf_counter() - started:.1f} s")
-        dirs[name] = run_dir
     return dirs
 
 

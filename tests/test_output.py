@@ -9,14 +9,15 @@ steps mismatch" line, and every CPU run, plain ones included, DeepSpeed's "Setti
 warning. After the fix that run prints 24 lines.
 
 Each test runs real processes: a short ZeRO-3-offload run of 2 processes through its launch file (a
-nano model, 3 steps) and a plain one-process run."""
+nano model, 5 steps: the run tests/test_deepspeed.py compares with DDP, made once for the session in conftest.py)
+and a plain one-process run."""
 
 from __future__ import annotations
 
 import collections
 import re
 
-from conftest import child_env, small_job, train
+from conftest import fresh_child_env, small_job, train
 
 # A log line of the trainer ("step      3  loss ..."), the only kind of line that may repeat freely.
 LOG_LINE = re.compile(r"^step\s+\d+\s")
@@ -27,15 +28,6 @@ WARNING_LINE = re.compile(r"^\S+:\d+: \w*Warning: ")
 MAX_REPEATS_PER_PROCESS = 2
 MISMATCH = "Gradient accumulation steps mismatch"  # Accelerate, when its accumulation differs from DeepSpeed's
 GUESSED = "Setting accelerator to CPU"  # DeepSpeed, when it has to guess its accelerator (no CUDA here)
-
-
-def env() -> dict:
-    """The children's environment without the settings the fix makes: a value inherited from this
-    process (set by an in-process run of another test) would hide what the toolkit itself does."""
-    e = child_env()
-    for key in ("DS_ACCELERATOR", "LOCAL_SIZE"):
-        e.pop(key, None)
-    return e
 
 
 def lines_of(result) -> list[str]:
@@ -57,16 +49,16 @@ def check_output(lines: list[str], processes: int, max_lines: int, launcher_gues
     assert len(lines) <= max_lines, f"{len(lines)} lines printed (at most {max_lines}):\n{text[-3000:]}"
 
 
-def test_zero3_offload_output(tmp_path):
-    """ZeRO-3 with CPU offload, 2 processes, through launch/zero3-offload.yaml."""
-    result = train([*small_job(8, 3), "batch.micro_size=2", "checkpoint.every_steps=0", "train.log_every=1",
-                    f"run.dir={tmp_path / 'run'}"], processes=2, launch="zero3-offload.yaml", env=env())
+def test_zero3_offload_output(zero3_offload_two_processes):
+    """ZeRO-3 with CPU offload, 2 processes, through launch/zero3-offload.yaml, started from a fresh environment
+    (conftest.fresh_child_env: the children's environment without the settings the fix makes)."""
+    _, result = zero3_offload_two_processes
     lines = lines_of(result)
     print(f"{len(lines)} lines:\n" + "\n".join(lines))
     future = [line for line in lines if "FutureWarning" in line and "all_gather_into_tensor" in line]
     assert len(future) <= 2, f"the all_gather_into_tensor FutureWarning {len(future)} times for 2 processes"
-    # The plan (7 lines), model, device, memory, 3 log lines, validation, done, and each of the few
-    # third-party notices once per process: 26 lines. Before the fix the all_gather_into_tensor warning
+    # The plan (7 lines), model, device, memory, 5 log lines, validation, done, and each of the few
+    # third-party notices once per process: 28 lines. Before the fix the all_gather_into_tensor warning
     # alone was printed 88 times.
     # `accelerate launch` with a DeepSpeed launch file imports deepspeed in the launcher process itself
     # (for a constant of deepspeed.launcher.runner), before any toolkit code runs: that process may say
@@ -77,7 +69,7 @@ def test_zero3_offload_output(tmp_path):
 def test_plain_output(tmp_path):
     """One process without a launcher or DeepSpeed: nothing but the toolkit's own lines."""
     result = train([*small_job(8, 3), "batch.micro_size=4", "checkpoint.every_steps=0", "train.log_every=1",
-                    f"run.dir={tmp_path / 'run'}"], env=env())
+                    f"run.dir={tmp_path / 'run'}"], env=fresh_child_env())
     lines = lines_of(result)
     print(f"{len(lines)} lines:\n" + "\n".join(lines))
     check_output(lines, processes=1, max_lines=20)

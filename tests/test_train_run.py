@@ -3,26 +3,24 @@
 The acceptance runs are the *default* job (configs/tiny.yaml, 300 steps), only redirected into a
 temporary run directory; each must finish within ACCEPT_TIMEOUT seconds (180, the acceptance limit on a
 2-core machine; BATCHKIT_ACCEPT_TIMEOUT raises it on a shared or slower machine). Their wall times are
-written to the terminal.
+written to the terminal. Each runs as a user's shell starts it (conftest.run_default_job: one process uses the
+machine's cores, two processes one thread each). The two-process run records W&B offline, as a user's run
+without an API key does; it is made once for the session (conftest.py), and tests/test_wandb.py reads its W&B run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import final_weights, read_jsonl, train
+from conftest import ACCEPT_TIMEOUT, final_weights, read_jsonl, report, run_default_job, train_together
 
 from toolkit.config import load_config
 from toolkit.schedule import lr_at
-
-ACCEPT_TIMEOUT = float(os.environ.get("BATCHKIT_ACCEPT_TIMEOUT", "180"))
 
 METRIC_KEYS = {"step", "samples", "tokens", "loss", "lr", "tokens_per_s"}
 SUMMARY_KEYS = {"steps", "samples", "tokens", "final_loss", "val_loss", "world_size", "micro_size", "accumulation",
@@ -34,29 +32,7 @@ NANO = ["model.size=nano", "model.vocab_size=256", "data.source=synthetic", "dat
         "train.val_batches=1", "train.progress=false"]
 
 
-def report(request, message: str) -> None:
-    """A line on the terminal even with output captured (and in the captured output, for failures)."""
-    print(message)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(message)
-
-
 # ----------------------------------------------------------------------------------------- acceptance
-
-
-def run_default_job(request, run_dir: Path, processes: int) -> dict:
-    started = time.perf_counter()
-    result = train([f"run.dir={run_dir}"], processes=processes, timeout=ACCEPT_TIMEOUT)
-    wall = time.perf_counter() - started
-    summary = json.loads((run_dir / "summary.json").read_text())
-    report(request, f"default job, {processes} process(es): wall {wall:.1f} s (limit {ACCEPT_TIMEOUT:.0f} s), "
-                    f"first loss {summary.get('first_loss'):.4f}, final loss {summary['final_loss']:.4f}, "
-                    f"val loss {summary['val_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s")
-    return {"dir": run_dir, "wall": wall, "stdout": result.stdout, "stderr": result.stderr, "summary": summary,
-            "processes": processes}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +41,8 @@ def default_one(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def default_two(request, tmp_path_factory):
-    return run_default_job(request, tmp_path_factory.mktemp("default-2proc") / "run", 2)
+def default_two(default_job_two_processes):
+    return default_job_two_processes  # conftest.py: W&B offline, shared with tests/test_wandb.py
 
 
 def check_default_run(job: dict) -> None:
@@ -74,7 +50,7 @@ def check_default_run(job: dict) -> None:
     assert job["wall"] < ACCEPT_TIMEOUT
     assert "Traceback" not in job["stderr"]
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".lock", "checkpoints", "config.yaml", "final", "metrics.jsonl", "summary.json"]
+        ".lock", "checkpoints", "config.yaml", "final", "metrics.jsonl", "summary.json", *(["wandb"] * job["wandb"])]
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-00000200", "step-00000300"]
     assert "global batch (samples)" in job["stdout"] and "done: 300 steps" in job["stdout"]
 
@@ -161,15 +137,34 @@ def test_one_and_two_processes_train_the_same(request, default_one, default_two)
 
 
 # ----------------------------------------------------------------------------------------- debug mode
+DEBUG_RUNS = {  # name -> overrides after --debug
+    "a": [*NANO],
+    "b": [*NANO],  # the same command again
+    "explicit-steps": [*NANO, "train.steps=23"],
+    "nan": [*NANO, "optim.lr=1e30"],
+}
 
 
+@pytest.fixture(scope="module")
+def debug_runs(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """The debug-mode runs of the tests below, independent one-process runs made at the same time (one core
+    each): name -> (run directory, completed process)."""
+    root = tmp_path_factory.mktemp("debug")
+    names = list(DEBUG_RUNS)
+    results = train_together([["--debug", *DEBUG_RUNS[name], f"run.dir={root / name}"] for name in names],
+                             timeout=120, check=False)
+    return {name: (root / name, result) for name, result in zip(names, results, strict=True)}
 
-def test_debug_mode_deterministic_and_short(tmp_path):
-    runs = []
+
+def succeeded(result) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def test_debug_mode_deterministic_and_short(debug_runs):
+    runs = [debug_runs["a"][0], debug_runs["b"][0]]  # the same command twice
     for name in ("a", "b"):
-        result = train(["--debug", *NANO, f"run.dir={tmp_path / name}"], timeout=120)
-        assert "(DistributedType.NO)" in result.stdout  # one process
-        runs.append(tmp_path / name)
+        succeeded(debug_runs[name][1])
+        assert "(DistributedType.NO)" in debug_runs[name][1].stdout  # one process
     for run_dir in runs:
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["steps"] == 20  # tiny.yaml says 300; --debug caps it at 20
@@ -183,19 +178,20 @@ def test_debug_mode_deterministic_and_short(tmp_path):
     ] == [r["loss"] for r in read_jsonl(runs[1] / "metrics.jsonl") if "loss" in r]
 
 
-def test_debug_mode_explicit_steps(tmp_path):
-    train(["--debug", *NANO, "train.steps=23", f"run.dir={tmp_path}"], timeout=120)
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 23
+def test_debug_mode_explicit_steps(debug_runs):
+    run_dir, result = debug_runs["explicit-steps"]
+    succeeded(result)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 23
 
 
-def test_debug_mode_stops_at_nan_with_exit_3(tmp_path):
-    result = train(["--debug", *NANO, "optim.lr=1e30", f"run.dir={tmp_path}"], timeout=120, check=False)
+def test_debug_mode_stops_at_nan_with_exit_3(debug_runs):
+    run_dir, result = debug_runs["nan"]
     assert result.returncode == 3, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert "non-finite" in errors[0] and "step" in errors[0] and "micro-step" in errors[0], errors[0]
-    assert not (tmp_path / "summary.json").exists()
+    assert not (run_dir / "summary.json").exists()
 
 
 # ----------------------------------------------------------------------------------------- in-process

@@ -1,7 +1,9 @@
 """Weights & Biases: real offline runs, read back from their ``.wandb`` files with ``wandb leet inspect``.
 
 * Every named metric is in the W&B run with the numbers of ``metrics.jsonl``; the config holds the plan,
-  the hardware and the versions; a 2-process run makes exactly one W&B run.
+  the hardware and the versions; a 2-process run makes exactly one W&B run. That run is the default job on
+  2 processes, W&B offline (conftest.py's ``default_job_two_processes``, run once for the session: it is also
+  an acceptance run of tests/test_train_run.py).
 * A run killed and resumed continues the same W&B run id, its steps strictly increasing.
 * With a fake API key and no network, training starts within 15 s and records offline.
 """
@@ -22,6 +24,10 @@ from toolkit.tracking import WANDB_NAMES
 
 WANDB = str(Path(PYTHON).with_name("wandb"))
 SHORT = ["train.steps=20", "train.log_every=5", "train.val_every=10", "train.progress=false"]
+# The resume and start-up tests are about W&B, not the model: a nano GPT on synthetic tokens (~10 ms a step, where
+# the default job's takes ~0.4 s), 4 micro-steps per step so that the noise scale is logged too.
+NANO = ["model.size=nano", "model.vocab_size=256", "data.source=synthetic", "data.synthetic_tokens=100000",
+        "data.seq_len=32", "batch.global_size=8", "batch.micro_size=2", "train.val_batches=1", "train.progress=false"]
 # Left out of the W&B history when they have no value: MFU on a CPU (no known peak).
 ONLY_WITH_A_VALUE = {"mfu"}
 
@@ -44,27 +50,27 @@ def offline_runs(run_dir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    run_dir = tmp_path_factory.mktemp("wandb") / "run"
-    result = train([*SHORT, f"run.dir={run_dir}"], processes=2, env=child_env(wandb=True))
-    return run_dir, result
+def two_process_run(default_job_two_processes) -> tuple[Path, str]:
+    """The default job (300 steps) on 2 processes with W&B offline: its run directory and its stdout."""
+    assert default_job_two_processes["wandb"]
+    return default_job_two_processes["dir"], default_job_two_processes["stdout"]
 
 
 def test_two_processes_make_one_offline_run_under_run_dir(two_process_run):
-    run_dir, result = two_process_run
+    run_dir, stdout = two_process_run
     runs = offline_runs(run_dir)
     assert len(runs) == 1, runs
     run_id = json.loads((run_dir / "summary.json").read_text())["wandb_run_id"]
     assert runs[0].name.endswith(f"-{run_id}")
-    assert f"wandb sync {runs[0]}" in result.stdout  # the user is told how to upload it
-    assert "offline (no W&B API key)" in result.stdout
+    assert f"wandb sync {runs[0]}" in stdout  # the user is told how to upload it
+    assert "offline (no W&B API key)" in stdout
 
 
 def test_every_metric_matches_metrics_jsonl(two_process_run):
     run_dir, _ = two_process_run
     rows = {row["_step_num"]: row for row in history(offline_runs(run_dir)[0])}
     local = read_jsonl(run_dir / "metrics.jsonl")
-    assert max(rows) == 20  # the last step is logged
+    assert max(rows) == 300  # the last step is logged
     seen = set()
     for record in local:
         row = rows[record["step"]]
@@ -111,7 +117,8 @@ def test_config_holds_plan_hardware_versions_and_x_axes(two_process_run):
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path):
-    overrides = [*SHORT, "train.steps=120", "train.log_every=5", "train.val_every=40", "checkpoint.every_steps=20",
+    # The first checkpoint is at step 20; the kill comes 0.5-1.5 s later, while 380 steps (~4 s) are still to go.
+    overrides = [*NANO, "train.steps=400", "train.log_every=5", "train.val_every=100", "checkpoint.every_steps=20",
                  f"run.dir={tmp_path / 'run'}"]
     env = child_env(wandb=True)
     newest, what = start_and_kill(overrides, 1, tmp_path / "run", random.Random(5).uniform(0.5, 1.5), env=env)
@@ -127,14 +134,14 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     steps = [row["_step_num"] for run in runs for row in history(run)]  # in the order the files were made
     print(f"W&B steps: {steps}")
     assert all(a < b for a, b in zip(steps, steps[1:], strict=False)), steps
-    assert steps[-1] == 120
+    assert steps[-1] == 400
 
 
 def test_fake_api_key_and_no_network_start_within_15_s(tmp_path):
     env = child_env(wandb=True)
     env["WANDB_API_KEY"] = "f" * 40  # and W&B's real server, which this machine cannot reach
     run_dir = tmp_path / "run"
-    cmd = train_cmd([*SHORT, "train.log_every=1", f"run.dir={run_dir}"])
+    cmd = train_cmd([*SHORT, *NANO, "train.log_every=1", f"run.dir={run_dir}"])
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first_step = None
