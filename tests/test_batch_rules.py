@@ -19,7 +19,7 @@ from conftest import PYTHON, final_weights, read_jsonl, run, train, train_cmd
 from test_resume_kill import start_and_kill
 
 from toolkit.batch import BatchSchedule, make_full_plan, scaled_lr, schedule_for_config
-from toolkit.bench import max_rel_diff
+from toolkit.bench.common import max_rel_diff
 from toolkit.config import ConfigError, load_config
 from toolkit.data import GlobalBatchSampler, load_data, rank_micro_batches
 from toolkit.model import build_model, optimizer_groups

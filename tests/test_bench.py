@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from toolkit.bench import parity
+from toolkit.bench.parity import parity
 from toolkit.config import load_config
 
 # nano GPT, 8 samples of 32 tokens per step in 4 micro-batches of 2; synthetic documents of random length,
@@ -73,7 +73,7 @@ def test_default_config_exists():
 def test_tracking_bench_runs_and_tracking_changes_no_weight(monkeypatch):
     """``toolkit bench tracking``: W&B (offline, in a temporary run.dir) and the noise scale on vs off.
     Tracking only reads; the final weights of both must be bitwise identical."""
-    from toolkit.bench import tracking_overhead
+    from toolkit.bench.tracking import tracking_overhead
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     before = sorted(p.name for p in ROOT.iterdir())

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, ZERO_JOB, final_weights, read_jsonl, train
 from test_resume_kill import start_and_kill, valid_checkpoints
 
-from toolkit.bench import max_rel_diff
+from toolkit.bench.common import max_rel_diff
 
 COMMON = ZERO_JOB  # conftest.py: small_job(8, 5), micro 2, no checkpoint before the end
 TOL = 1e-4

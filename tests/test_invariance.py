@@ -5,7 +5,7 @@ numbers of valid targets) split the global batch of 8 four ways:
 
     processes x micro x accumulation:  1 x 8 x 1,  1 x 2 x 4,  2 x 2 x 2,  2 x 4 x 1
 
-and must end with the same weights (fp32, max relative difference <= 1e-5, defined in ``toolkit.bench.max_rel_diff``),
+and must end with the same weights (fp32, max relative difference <= 1e-5, defined in ``toolkit.bench.common.max_rel_diff``),
 the same losses and the same samples at every step. An in-process gradient check shows that the classic
 normalisation (mean of per-micro-batch means) would *not* be split-invariant on the same data.
 
@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import ZERO_JOB, final_weights, read_jsonl, small_job, train, train_together
 
-from toolkit.bench import max_rel_diff
+from toolkit.bench.common import max_rel_diff
 
 GLOBAL = 8
 STEPS = 5

@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import ROOT, child_env, final_weights, kill_job, read_jsonl, train, train_cmd, train_together
 
-from toolkit.bench import max_rel_diff
+from toolkit.bench.common import max_rel_diff
 
 GLOBAL = 8
 COMMON = [

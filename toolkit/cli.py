@@ -238,10 +238,10 @@ def plan_main(args: argparse.Namespace) -> int:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    from toolkit.bench import parity
+    from toolkit.bench.parity import parity
 
     if args.which == "memory":
-        from toolkit.bench_memory import memory_bench
+        from toolkit.bench.memory import memory_bench
 
         result = memory_bench(args.config or BENCH_MEMORY_CONFIG, args.overrides, processes=args.processes,
                               stages=args.stages)
@@ -249,7 +249,7 @@ def bench_main(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config or BENCH_PARITY_CONFIG, args.overrides)
     if args.which == "tracking":
-        from toolkit.bench import tracking_overhead
+        from toolkit.bench.tracking import tracking_overhead
 
         result = tracking_overhead(cfg, steps=args.steps, repeats=args.repeats)
         print(json.dumps(result, indent=2) if args.json else result["report"])

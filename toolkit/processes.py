@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 
 def free_port() -> int:
     """A TCP port that is free on this host now (for a launcher's rendezvous or a process group)."""
@@ -23,25 +25,19 @@ def free_port() -> int:
 
 
 def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
+    """``pid`` and every process below it; just ``[pid]`` when ``pid`` is gone."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    return [pid, *(child.pid for child in children)]
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (exited, not yet reaped)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # also psutil.ZombieProcess, its subclass
         return False
 
 

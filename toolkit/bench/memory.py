@@ -18,7 +18,7 @@ from pathlib import Path
 from toolkit.config import ConfigError
 from toolkit.processes import free_port, run_tree
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (toolkit/bench/memory.py)
 
 
 def run_mode(config: Path, overrides: list[str], mode: str, processes: int, run_dir: Path, timeout: float = 900) -> dict:
