@@ -30,11 +30,11 @@ def main(argv: list[str]) -> int:
     model = trainer.plain_model
     forward = model.forward
 
-    def poisoned_forward(x, y):
-        loss = forward(x, y)
+    def poisoned_forward(batch):
+        loss, n_targets = forward(batch)
         if trainer.step + 1 == bad_step and trainer.rank == bad_rank and trainer.micro_step == 0:
-            return loss * float("nan")
-        return loss
+            return loss * float("nan"), n_targets
+        return loss, n_targets
 
     model.forward = poisoned_forward  # DDP calls module(...), which finds this instance attribute
     record: dict = {"rank": trainer.rank}

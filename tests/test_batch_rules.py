@@ -214,7 +214,7 @@ def hand_made_steps(cfg, data, indices: list[int], steps: int, dtype: torch.dtyp
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     x, y = data.batch(indices)
     for _ in range(steps):
-        (model(x, y) / data.valid_targets(indices)).backward()
+        (model((x, y))[0] / data.valid_targets(indices)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad()

@@ -146,7 +146,7 @@ def tiny_states() -> tuple[dict, dict]:
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randint(0, 256, (2, 32))
-    model(x, x).backward()
+    model((x, x))[0].backward()
     optimizer.step()
     return model.state_dict(), optimizer.state_dict()
 

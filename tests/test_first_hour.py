@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -364,20 +363,16 @@ def test_a_runs_printed_numbers_agree_and_add_up(tmp_path):
 def test_a_noise_scale_with_a_negative_term_is_not_available():
     """The ratio of two smoothed estimates means nothing until both are positive: none is reported, with the
     reason, instead of a negative (or a meaningless positive) number."""
-    from toolkit.metrics import NoiseScale
-    from toolkit.trainer import Trainer
+    from toolkit.metrics import NoiseProbe
 
-    def trainer_with(grad_sq: float, trace: float):
-        noise = NoiseScale()
-        noise.grad_sq, noise.trace = torch.tensor(grad_sq), torch.tensor(trace)
-        fake = types.SimpleNamespace(cfg=types.SimpleNamespace(tracking=types.SimpleNamespace(noise_scale=True)),
-                                     deepspeed=False, noise=noise, _tokens_per_sample=32.0)
-        fake.noise_scale_unavailable = types.MethodType(Trainer.noise_scale_unavailable, fake)
-        return fake
+    def probe_with(grad_sq: float, trace: float) -> NoiseProbe:
+        probe = NoiseProbe(0.95, torch.device("cpu"), tokens_per_sample=32.0)
+        probe.restore([grad_sq, trace])
+        return probe
 
     for grad_sq, trace, reason in ((1.0, -1.17, "tr(Sigma)"), (-2.0, -3.0, "|G|^2"), (-2.0, 3.0, "|G|^2")):
-        fake = trainer_with(grad_sq, trace)
-        assert Trainer.noise_scale_now(fake) == (None, None)
-        assert reason in fake.noise_scale_unavailable()
-    fake = trainer_with(2.0, 64.0)
-    assert Trainer.noise_scale_now(fake) == (1.0, 32.0) and fake.noise_scale_unavailable() is None
+        probe = probe_with(grad_sq, trace)
+        assert probe.value() == (None, None)
+        assert reason in probe.unavailable()
+    probe = probe_with(2.0, 64.0)
+    assert probe.value() == (1.0, 32.0) and probe.unavailable() is None

@@ -257,7 +257,7 @@ def _step0_gradients(micro: int, normalise: str) -> dict[str, torch.Tensor]:
     total_valid = data.valid_targets(global_batch)
     for indices in rank_micro_batches(global_batch, plan, 0):
         x, y = data.batch(indices)
-        loss_sum = model(x, y)
+        loss_sum, _ = model((x, y))
         if normalise == "global":
             loss = loss_sum / total_valid
         else:

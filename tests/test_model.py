@@ -84,7 +84,7 @@ def test_tied_embeddings():
     assert torch.equal(state["lm_head.weight"], state["tok_emb.weight"])
     # One gradient for both uses.
     x = torch.randint(0, 64, (2, 16))
-    model(x, torch.randint(0, 64, (2, 16))).backward()
+    model((x, torch.randint(0, 64, (2, 16))))[0].backward()
     assert model.tok_emb.weight.grad is model.lm_head.weight.grad
     # Loading a plain state dict (two copies, as saved) keeps them tied.
     other = nano_model(seed=1)
@@ -112,11 +112,11 @@ def test_loss_is_a_sum_over_valid_targets():
     captured = {}
     handle = model.lm_head.register_forward_hook(lambda m, i, out: captured.__setitem__("logits", out))
     with torch.no_grad():
-        loss = model(x, y)
+        loss, n_targets = model((x, y))
     handle.remove()
     logits = captured["logits"].float().view(-1, 64)
     valid = int((y != IGNORE).sum())
-    assert valid == 16 + 10 + 3
+    assert valid == 16 + 10 + 3 == int(n_targets)  # the contract's count
     mean = F.cross_entropy(logits, y.view(-1), ignore_index=IGNORE)  # PyTorch's default: the mean
     assert loss.dim() == 0 and loss.dtype == torch.float32
     torch.testing.assert_close(loss, mean * valid, rtol=1e-5, atol=1e-5)
@@ -129,8 +129,8 @@ def test_loss_is_a_sum_over_valid_targets():
         y2 = y.clone()
         y2[1, 5] = IGNORE
         dropped = per_token[1 * 16 + 5]
-        torch.testing.assert_close(model(x, y2), loss - dropped, rtol=1e-5, atol=1e-5)
-        assert model(x, torch.full_like(y, IGNORE)).item() == 0.0
+        torch.testing.assert_close(model((x, y2))[0], loss - dropped, rtol=1e-5, atol=1e-5)
+        assert model((x, torch.full_like(y, IGNORE)))[0].item() == 0.0
         # Sample losses add up: the sum over a batch is the sum of the per-sample sums.
-        parts = sum(model(x[i : i + 1], y[i : i + 1]) for i in range(3))
+        parts = sum(model((x[i : i + 1], y[i : i + 1]))[0] for i in range(3))
     torch.testing.assert_close(parts, loss, rtol=1e-5, atol=1e-4)

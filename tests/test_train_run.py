@@ -111,7 +111,7 @@ def check_final_weights(job: dict) -> None:
     with torch.no_grad():
         for batch in validation_batches(val, plan, cfg.train.val_batches):
             x, y = val.batch(batch)
-            loss_sum += model(x, y).item()
+            loss_sum += model((x, y))[0].item()
             valid += val.valid_targets(batch)
     assert loss_sum / valid == pytest.approx(s["val_loss"], rel=1e-4)
 
@@ -227,8 +227,7 @@ def make_trainer(tmp_path: Path, *overrides: str, debug: bool = False):
 
 
 def close(trainer) -> None:
-    trainer.progress.close()
-    trainer.metrics.close()
+    trainer.close()
 
 
 def first_step_error(trainer) -> str:

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from toolkit.errors import CheckpointWriteError  # noqa: F401  (raised here; defined where toolkit.run reads it)
+
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "optimizer.pt", "state.json", "rng-rank0.pt")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -42,11 +44,6 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupted or unsafe to load."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint that could not be written (a full disk): raised on every rank together, the message in
-    one line on rank 0 (naming the free space, the size needed and the checkpoint that is still intact)."""
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

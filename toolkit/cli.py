@@ -14,7 +14,7 @@ from pathlib import Path
 from toolkit import config_doc
 from toolkit.batch import FULL, schedule_for_config
 from toolkit.config import ConfigError, load_config
-from toolkit.stop_signals import catch_early
+from toolkit.stop_signals import catch_early, take_early
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
@@ -159,29 +159,56 @@ def check_launch(cfg, world_size: int) -> None:
         zero.deepspeed_config(cfg, plan, on_cuda=False, hidden=shape_from_config(cfg).n_embd)
 
 
+def config_from_args(args: argparse.Namespace, defaults: list[str] | tuple[str, ...] = ()):
+    cfg = load_config(args.config, [*defaults, *args.overrides])
+    if args.debug:
+        cfg.train.debug = True
+        if not any(o.startswith("train.steps=") for o in args.overrides):
+            cfg.train.steps = min(cfg.train.steps, DEBUG_STEPS)
+        if cfg.run.dir is None:  # a debug run never continues (or is refused by) the real run
+            cfg.run.name = f"{cfg.run.name}-debug"
+    return cfg
+
+
+def config_from_argv(argv: list[str], defaults: list[str] | tuple[str, ...] = ()):
+    """The config a command line gives, read as train.py reads its own: ``[--config FILE] [--debug] [key=value
+    ...]`` (``--help`` too), with ``defaults`` (key=value) applied before the command line's overrides. For a
+    user's script, so that it takes the same arguments as train.py (and ``toolkit sweep`` and ``toolkit slurm
+    submit --script`` can launch it). A bad config raises ConfigError (``toolkit.run`` turns it into exit 2)."""
+    return config_from_args(build_train_parser().parse_intermixed_args(argv), defaults)
+
+
 def train_main(argv: list[str]) -> int:
     catch_early()  # a scheduler's stop signal during start-up stops the run after its first step (exit 75)
     parser = build_train_parser()
     args = parser.parse_intermixed_args(argv)  # `train.py key=value --debug key=value` works too
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.debug:
-            cfg.train.debug = True
-            if not any(o.startswith("train.steps=") for o in args.overrides):
-                cfg.train.steps = min(cfg.train.steps, DEBUG_STEPS)
-            if cfg.run.dir is None:  # a debug run never continues (or is refused by) the real run
-                cfg.run.name = f"{cfg.run.name}-debug"
+
+    def train() -> None:
+        cfg = config_from_args(args)
         # The plan is checked against the launcher's world size before any process group exists, and the
         # trainer is imported only then, so that a bad config fails in a fraction of a second.
         # (batch.global_size=full needs the data's size: the trainer checks that plan once it has the data.)
         check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        from toolkit.checkpoint import CheckpointWriteError
+        from toolkit.trainer import Trainer
+
+        # A debug run's own directory starts afresh each time: it checks code, it does not continue.
+        Trainer(cfg, fresh_run_dir=args.debug and cfg.run.dir is None).train()
+
+    return run(train)
+
+
+def run(train) -> int:
+    """Call ``train()`` (which builds a config and a Trainer and trains) and return train.py's exit code for how it
+    ended: 0 done (or already finished), 2 a bad configuration, 3 a non-finite value, 4 a full disk, 75 preempted,
+    130 interrupted; the error in one line on stderr. A user's script ends with ``sys.exit(toolkit.run(main))``
+    and behaves as train.py does under any launcher and under Slurm (which requeues exit 75)."""
+    catch_early()  # (a no-op when train.py did it already)
+    try:
+        from toolkit.errors import CheckpointWriteError, NonFiniteError, Preempted
         from toolkit.rundir import AlreadyFinished
-        from toolkit.trainer import NonFiniteError, Preempted, Trainer
 
         try:
-            # A debug run's own directory starts afresh each time: it checks code, it does not continue.
-            Trainer(cfg, fresh_run_dir=args.debug and cfg.run.dir is None).train()
+            train()
         except NonFiniteError as exc:
             return _error(str(exc), EXIT_NONFINITE)
         except CheckpointWriteError as exc:  # the same on every rank; rank 0 prints it
@@ -201,6 +228,8 @@ def train_main(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     finally:
         _end_process_group()
+        for signum, handler in take_early()[1].items():  # (a run that never reached training)
+            signal.signal(signum, handler)
     return 0
 
 

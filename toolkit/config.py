@@ -12,6 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -98,9 +99,37 @@ class DataConfig:
     synthetic_tokens: int = 1_000_000
     """synthetic: length of the random token stream."""
 
+    workers: int = 0
+    """DataLoader worker processes per rank that load the next micro-batches while the model computes. 0
+    loads in the training process (enough for the built-in in-memory corpora); raise it for data that takes
+    time to read or decode. The data order does not depend on it, and a resume stays exact."""
+
+    pin_memory: bool = True
+    """On CUDA, load batches into pinned host memory so that the copy to the GPU is asynchronous."""
+
+    prefetch_factor: int = 2
+    """With data.workers > 0: micro-batches each worker loads ahead."""
+
 
 @dataclass
 class ModelConfig:
+    source: str = "builtin"
+    """``builtin``: the toolkit's GPT (the fields below). ``hf``: a Hugging Face ``transformers`` causal LM
+    from ``model.hf_config``, wrapped to the toolkit's model contract. (A model passed to ``Trainer(cfg,
+    model=...)`` in Python replaces both.)"""
+
+    hf_config: str | None = None
+    """With source=hf: a ``transformers`` model type (``gpt2``, ``llama`` ...: fresh weights from its default
+    config, no download) or a local folder with a ``config.json`` (and weights, with hf_pretrained)."""
+
+    hf_pretrained: bool = False
+    """With source=hf and a folder in hf_config: start from the folder's weights (``from_pretrained``)
+    instead of fresh ones drawn from the seed (``from_config``)."""
+
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    """With source=hf: config attributes set over hf_config's (``model.hf_overrides.n_layer=2``). The
+    vocabulary follows the data unless set here."""
+
     size: str = "tiny"
     """Preset: ``nano`` (0.1M parameters, for tests), ``tiny`` (0.8M, the CPU default), ``small`` (3.2M) or
     ``gpt2-small`` (124M).
@@ -294,6 +323,7 @@ class Config:
 CHOICES = {
     "data.source": ("stdlib", "tokens", "synthetic"),
     "model.size": ("nano", "tiny", "small", "gpt2-small"),
+    "model.source": ("builtin", "hf"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.on_nonfinite": ("skip", "stop"),
@@ -440,6 +470,15 @@ def validate(cfg: Config) -> None:
         for key in ("path", "val_path"):
             value = getattr(cfg.data, key)
             _require(value is None, f"data.{key}={value} is only read with data.source=tokens (data.source={cfg.data.source})")
+    _require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0 (0: load in the training process)")
+    _require(cfg.data.prefetch_factor >= 1, f"data.prefetch_factor={cfg.data.prefetch_factor} must be >= 1")
+    m = cfg.model
+    _require(m.source != "hf" or m.hf_config, "model.source=hf needs model.hf_config: a transformers model type "
+             "(e.g. gpt2) or a local folder with a config.json")
+    _require(not m.hf_pretrained or (m.hf_config and Path(m.hf_config).is_dir()),
+             f"model.hf_pretrained=true needs model.hf_config to be a local folder with weights (got {m.hf_config})")
+    _require(m.source == "hf" or (m.hf_config is None and not m.hf_overrides and not m.hf_pretrained),
+             "model.hf_config, model.hf_overrides and model.hf_pretrained are only read with model.source=hf")
     _require(0 <= cfg.model.dropout < 1, f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
         value = getattr(cfg.model, name)

@@ -40,6 +40,24 @@ class Samples:
     def __len__(self) -> int:
         return len(self.starts)
 
+    @property
+    def tokens_per_sample(self) -> int:
+        """Token positions per sample: what throughput counts (padding included, as the GPU computes it)."""
+        return self.seq_len
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole micro-batch in one call (the DataLoader uses this instead of one ``dataset[i]`` per sample)."""
+        return self.batch(indices)
+
+    @staticmethod
+    def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``__getitems__`` already made the micro-batch: nothing to collate."""
+        return batch
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, both ``[len(indices), seq_len]`` int64."""
         width = self.seq_len + 1

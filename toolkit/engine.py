@@ -21,9 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
 from toolkit import zero
-from toolkit.batch import plan_for_config
+from toolkit.batch import BatchPlan
 from toolkit.config import Config, ConfigError
-from toolkit.model import shape_from_config
 from toolkit.processes import free_port
 
 
@@ -46,7 +45,9 @@ def tracker(cfg: Config) -> str | None:
     return None if off else "wandb"
 
 
-def build_accelerator(cfg: Config, train_samples: int | None = None) -> Accelerator:
+def build_accelerator(cfg: Config, plan: BatchPlan, hidden: int) -> Accelerator:
+    """The Accelerator for this run's ``plan`` (made once, from the launcher's world size); ``hidden``: the model's
+    width, which DeepSpeed's communication buckets are sized by."""
     on_cpu = wants_cpu(cfg)
     if cfg.train.debug:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -58,7 +59,7 @@ def build_accelerator(cfg: Config, train_samples: int | None = None) -> Accelera
         # Read once, at DeepSpeed's first get_accelerator(); a user's own setting stands.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if zero.enabled(cfg):
-        return build_deepspeed_accelerator(cfg, on_cpu, train_samples)
+        return build_deepspeed_accelerator(cfg, on_cpu, plan, hidden)
     # gradient_accumulation_steps stays 1: the trainer accumulates itself (explicit no_sync and its own
     # loss normalisation), so Accelerate must not divide the loss a second time. Precision and compilation
     # come from the run config, not from a launch file: the same run config gives the same run anywhere.
@@ -71,7 +72,7 @@ def build_accelerator(cfg: Config, train_samples: int | None = None) -> Accelera
     )
 
 
-def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, train_samples: int | None = None) -> Accelerator:
+def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, plan: BatchPlan, hidden: int) -> Accelerator:
     """Accelerate with a DeepSpeed plugin whose config is written from the batch plan (DeepSpeed asserts
     train_batch_size == micro x accumulation x world, so nothing is left as "auto")."""
     if cfg.model.compile:
@@ -80,8 +81,7 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, train_samples: int | 
         # `python train.py deepspeed.stage=N`: DeepSpeed always runs in a process group; give it one of
         # one process, as its own launcher would.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    world_size = int(os.environ["WORLD_SIZE"])
-    plan = plan_for_config(cfg, world_size, train_samples)
+    world_size = plan.world_size
     if plan.ragged:
         raise ConfigError(f"batch.global_size=full with DeepSpeed needs the training split ({plan.global_size} samples) "
                           f"to be a multiple of batch.micro_size x world size ({plan.micro_size} x {world_size})")
@@ -92,7 +92,7 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, train_samples: int | 
             f"{plan.accumulation} (global {plan.global_size} = micro {plan.micro_size} x accumulation "
             f"{plan.accumulation} x world {plan.world_size}); remove it from the launch file"
         )
-    ds_config = zero.deepspeed_config(cfg, plan, on_cuda=not on_cpu, hidden=shape_from_config(cfg).n_embd)
+    ds_config = zero.deepspeed_config(cfg, plan, on_cuda=not on_cpu, hidden=hidden)
     # The launch file's DeepSpeed fields are in the run config now (config.apply_deepspeed_launch) and
     # in ds_config; Accelerate would refuse the explicit config while they are still marked as set.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)

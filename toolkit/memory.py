@@ -209,6 +209,7 @@ class PeakMeter:
         self.overall_peak = 0
         self.earlier_process_peak = 0  # the whole process's peak in the run's earlier segments (absolute)
         self._count_states = False
+        self._measuring = False
 
     def _reset(self) -> None:
         if self.device.type == "cuda":
@@ -225,15 +226,19 @@ class PeakMeter:
             return torch.cuda.max_memory_allocated(self.device)
         return _peak_resident_bytes()
 
-    def step_begins(self, count_states: bool) -> None:
-        """Before a step's first forward: close the previous window and open a new one."""
+    def step_begins(self, count_states: bool, measure: bool = True) -> None:
+        """Before a step's first forward: close the previous window and open a new one (``measure``), or let the
+        window run on over this step (the overall peak still covers it: the high-water mark was not reset)."""
+        self._measuring = measure
+        if not measure:
+            return
         self.overall_peak = max(self.overall_peak, self._peak_now() - self.baseline)
         self._reset()
         self._count_states = count_states
 
     def update_begins(self) -> None:
         """After the step's last backward, before the optimizer update."""
-        if self._count_states:
+        if self._count_states and self._measuring:
             self.states_peak = max(self.states_peak, self._peak_now() - self.baseline)
 
     def peak_so_far(self) -> int:
@@ -262,3 +267,39 @@ class PeakMeter:
         if device.type == "cuda":
             return torch.cuda.memory_allocated(device)
         return resident_bytes()
+
+
+def peaks_over_ranks(meter: PeakMeter, setup: str, world_size: int) -> dict:
+    """The measured peaks so far, the largest over the ranks (a collective), and the setup they were measured
+    in: what a checkpoint keeps (under another setup, a resumed run's peaks would not compare)."""
+    measured = torch.tensor([float(v) for v in meter.snapshot()], device=meter.device)
+    if world_size > 1:
+        torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
+    return {"setup": setup, "bytes": [int(v) for v in measured.tolist()]}
+
+
+def measured_report(peak_bytes: list[int], plan: MemoryPlan, device_type: str) -> dict:
+    """Measured peak per device since training began (the largest over the ranks), next to the prediction."""
+    measured = [float(v) for v in peak_bytes]
+    return {
+        "mode": plan.mode,
+        "measured": "cuda_max_allocated" if device_type == "cuda" else "peak_rss",
+        # The two training peaks are above what was in use before the model was built, so they compare
+        # with the prediction; 0 up to the update when the run had fewer than 2 steps.
+        "measured_to_update_gib": measured[0] / 2**30,
+        "measured_with_update_gib": measured[1] / 2**30,
+        # The whole process (runtime and libraries included), as W&B's memory/peak_gib.
+        "process_peak_gib": measured[2] / 2**30,
+        "predicted_gib": plan.total / 2**30,
+        "predicted_model_states_gib": plan.model_states / 2**30,
+        "predicted_buffers_gib": plan.buffers / 2**30,
+        "predicted_activations_gib": plan.activations / 2**30,
+        "predicted_host_gib": plan.host / 2**30,
+    }
+
+
+def report_line(report: dict, plan: MemoryPlan) -> str:
+    return (f"memory per device ({plan.mode}), GiB: predicted {plan.summary()}; measured above the start "
+            f"{report['measured_to_update_gib']:.3f} up to the optimizer update, "
+            f"{report['measured_with_update_gib']:.3f} with the update; whole process "
+            f"{report['process_peak_gib']:.3f}")

@@ -16,7 +16,10 @@ average and the ratio is taken of the averages (as the paper does).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+import torch
 
 
 def noise_scale_terms(small_sq: float, big_sq: float, b_small: float, b_big: float) -> tuple[float, float]:
@@ -82,3 +85,120 @@ def peak_flops(device_name: str, precision: str) -> float | None:
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation: the FLOP/s the model's training math needs over the device's peak."""
     return tokens_per_s_per_device * flops_per_token / peak if peak else None
+
+
+class Throughput:
+    """The training clock: wall time of the training steps only, over all of a run's segments.
+
+    Validation and checkpoints pause it (``pause_since``); a log step reads the interval since the last one
+    (``lap``), which ends at the host sync that reading the loss makes anyway."""
+
+    def __init__(self, train_time_s: float, step: int):
+        self.train_time_s = train_time_s  # up to the last lap (a resumed run starts with its earlier segments')
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.lap_started, self.lap_step = time.perf_counter(), step
+
+    def pause_since(self, started: float) -> None:
+        """Move the clock past work that is not training and began at ``started``."""
+        self.lap_started += time.perf_counter() - started
+
+    def now(self, step: int) -> float:
+        """Training time up to ``step``, the steps since the last lap included."""
+        return self.train_time_s + (time.perf_counter() - self.lap_started if step > self.lap_step else 0.0)
+
+    def lap(self, step: int) -> tuple[float, int]:
+        """(seconds, steps) since the last lap, added to the training time; the next lap starts now."""
+        elapsed, steps = time.perf_counter() - self.lap_started, step - self.lap_step
+        self.train_time_s += elapsed
+        self.restart(step)
+        return elapsed, steps
+
+
+def speed_record(elapsed: float, steps: int, samples: int, tokens_per_sample: float, world_size: int,
+                 flops_per_token: float | None, peak: float | None) -> dict:
+    """A log step's speed over ``steps`` steps of ``samples`` samples in ``elapsed`` seconds."""
+    tokens_per_s = samples * tokens_per_sample / elapsed if elapsed > 0 else 0.0
+    return {
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / world_size,
+        "samples_per_s": tokens_per_s / tokens_per_sample,
+        "step_time_s": elapsed / max(steps, 1),
+        "mfu": mfu(tokens_per_s / world_size, flops_per_token, peak) if flops_per_token else None,
+    }
+
+
+def local_norm_hook(probe, bucket):  # no annotations: DDP checks them against objects, not strings
+    """DDP communication hook: add the squared norm of this rank's gradient bucket (before the all-reduce) to
+    ``probe.small_sq``, then all-reduce it as DDP does by default."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    probe.small_sq = probe.small_sq + torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square()
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+NOISE_KEYS = ("noise_scale", "critical_batch_tokens", "noise_grad_sq", "noise_trace")
+
+
+class NoiseProbe:
+    """The gradient noise scale of a run, from the two gradient norms each step already has: this rank's
+    first micro-batch before the all-reduce (``take_small``, or ``local_norm_hook`` when a step has one
+    micro-step), and the global batch after it. Batch sizes count targets, since the loss is a mean over them."""
+
+    def __init__(self, decay: float, device: torch.device, tokens_per_sample: float):
+        self.estimate = NoiseScale(decay)
+        self.device = device
+        self.tokens_per_sample = tokens_per_sample  # targets per sample, measured at every update
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        self.small_sq = torch.zeros((), device=self.device)
+
+    def take_small(self, grads: list[torch.Tensor]) -> None:
+        """After the first micro-step's backward (not yet all-reduced, nothing else added)."""
+        self.small_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
+
+    def update(self, grad_norm: torch.Tensor, small_targets: float, global_targets: float, samples: int) -> None:
+        """One step's estimate. The small gradient is of the first micro-batch's *summed* loss, so its mean
+        gradient is that over ``small_targets``; the big one is already the global batch's mean."""
+        if not 0 < small_targets < global_targets:
+            return
+        self.tokens_per_sample = global_targets / samples
+        self.estimate.update(self.small_sq / small_targets**2, grad_norm.float().square(), small_targets, global_targets)
+
+    def value(self) -> tuple[float | None, float | None]:
+        """(B_simple in samples, in targets), or (None, None) while it is not available."""
+        if self.unavailable() is not None:
+            return None, None
+        targets = float(self.estimate.value)
+        return targets / self.tokens_per_sample, targets
+
+    def unavailable(self) -> str | None:
+        """Why there is no value yet, or None. Both smoothed estimates must be positive: their ratio is
+        meaningless otherwise (early on, either can be negative from noise)."""
+        e = self.estimate
+        if e.grad_sq is None:
+            return "no step measured yet"
+        if float(e.grad_sq) <= 0:
+            return "the |G|^2 estimate is not positive yet (too few steps, or a batch far below the noise scale)"
+        if float(e.trace) <= 0:
+            return "the tr(Sigma) estimate is not positive yet (too few steps)"
+        return None
+
+    def record(self) -> dict:
+        """A log step's noise scale (in samples and in targets) and the two moving estimates behind it (per
+        target): |G|^2 and tr(Sigma)."""
+        noise_scale, critical_targets = self.value()
+        terms = self.state() or [None, None]
+        return {"noise_scale": noise_scale, "critical_batch_tokens": critical_targets, "noise_grad_sq": terms[0],
+                "noise_trace": terms[1]}
+
+    def state(self) -> list[float] | None:
+        """What a checkpoint keeps: the two moving averages."""
+        e = self.estimate
+        return None if e.grad_sq is None else [float(e.grad_sq), float(e.trace)]
+
+    def restore(self, state: list[float] | None) -> None:
+        if state is not None:
+            self.estimate.grad_sq, self.estimate.trace = (torch.tensor(v, device=self.device) for v in state)

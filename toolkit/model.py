@@ -5,9 +5,9 @@ faster, this removes the key bias, whose gradient is exactly zero in exact arith
 a constant added to every score of a row): Adam turns its rounding noise into full-size updates, so
 it would differ between any two batch splits for no reason of ours.
 
-``forward`` returns the *sum* of per-token cross-entropy losses and ignores padding targets: the
-trainer divides by the number of valid targets in the whole global batch, which is what makes the
-gradient independent of how the batch is split.
+``forward`` follows the toolkit's model contract: it returns the *sum* of per-token cross-entropy losses,
+ignoring padding targets, and the number of valid targets. The trainer divides the gradient by the number
+of valid targets in the whole global batch, which is what makes it independent of how the batch is split.
 """
 
 from __future__ import annotations
@@ -110,17 +110,24 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sum (not mean) of the cross-entropy over valid targets, in fp32."""
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The toolkit's model contract: ``(loss_sum, n_targets)`` of a micro-batch ``(inputs, targets)``: the
+        sum (not the mean) of the cross-entropy over its valid targets, in fp32, and how many there were."""
+        idx, targets = batch
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(
+        loss_sum = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE, reduction="sum"
         )
+        return loss_sum, (targets != IGNORE).sum()
+
+    def training_flops_per_token(self) -> int:
+        """What MFU counts (see ``flops_per_token``)."""
+        return flops_per_token(self.shape, num_params(self))
 
 
 def num_params(model: nn.Module, exclude_positions: bool = True) -> int:

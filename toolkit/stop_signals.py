@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 """A scheduler's stop: SIGTERM (preemption, the time limit, torchrun's forwarding), SIGUSR1, and SIGUSR2, which
@@ -49,3 +50,45 @@ def take_early() -> tuple[int | None, dict[int, object]]:
     _noted.clear()
     _replaced.clear()
     return noted, replaced
+
+
+class StopSignals:
+    """The trainer's handlers for STOP_SIGNALS while it trains. A signal is only noted: the step in flight
+    finishes, then all ranks agree to stop together (``agreed``), write a checkpoint and exit 75 (130 for
+    Ctrl-C). A second Ctrl-C stops at once (the newest checkpoint stays; a save cut short is put right at the
+    next start). A signal noted by ``catch_early`` before training began counts as the first."""
+
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+        self.signum: int | None = None  # the first stop signal, this rank's or (after ``agreed``) another's
+        self._interrupted = False
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        self._previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        early, replaced = take_early()
+        self._previous.update(replaced)  # at the end, the handlers from before train.py noted signals
+        if early is not None and self.signum is None:  # a stop signal came while this process started
+            self.signum = early
+
+    def release(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt  # a second Ctrl-C; under `accelerate launch` it arrives as torchrun's SIGTERM
+        self._interrupted = signum == signal.SIGINT  # this rank's own (another rank's arrives through agreed())
+        if self.signum is None:
+            self.signum = signum  # the first one names the stop (and the exit code)
+        if signum == signal.SIGINT and self.is_main:
+            print("Ctrl-C: stopping after the step in flight, with a checkpoint (Ctrl-C again stops at once)",
+                  file=sys.stderr, flush=True)
+
+    def agreed(self, ranks) -> bool:
+        """True on every rank if a stop signal reached any rank (a one-number all-reduce per step, on the CPU)."""
+        signum = ranks.largest(self.signum or 0)
+        if signum and self.signum is None:
+            self.signum = signum  # another rank's signal
+        return bool(signum)

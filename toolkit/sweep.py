@@ -104,7 +104,7 @@ def command(sweep: Sweep, point: Point, port: int | str = "PORT") -> list[str]:
     """The point's launch: ``python train.py`` for one process; for more, ``accelerate launch`` with
     launch/cpu.yaml (gloo processes) on a machine without CUDA, launch/gpu8.yaml (one process per GPU,
     NCCL) with CUDA, and ``--num_processes`` the point's processes."""
-    train = [str(TRAIN_SCRIPT), "--config", str(sweep.base), *point.overrides]
+    train = [str(sweep.script or TRAIN_SCRIPT), "--config", str(sweep.base), *point.overrides]
     if point.processes == 1:
         return [sys.executable, *train]
     launch = GPU_LAUNCH if _cuda_devices() else CPU_LAUNCH

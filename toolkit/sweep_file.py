@@ -88,6 +88,11 @@ class SweepSpec:
     base: str = MISSING
     """The run config every point starts from, relative to the sweep file (e.g. ``../tiny.yaml``)."""
 
+    script: str | None = None
+    """A training script to launch for every point instead of train.py, relative to the sweep file: a user's
+    script on the library API that reads its command line with ``toolkit.config_from_argv`` (so it takes
+    ``--config FILE key=value ...`` as train.py does), e.g. ``examples/custom_model.py``."""
+
     overrides: dict[str, Any] = field(default_factory=dict)
     """Fixed dotted overrides for every point (``model.size: nano``), applied over ``base``."""
 
@@ -218,6 +223,8 @@ class Sweep:
     out: Path
     grid_keys: list[str]
     points: list[Point]
+    script: Path | None = None
+    """The user's training script (``script:``), or None for train.py."""
 
     @property
     def target_loss(self) -> float:
@@ -306,6 +313,9 @@ def resolve(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Sw
     if not base.is_file():
         raise ConfigError(f"{path}: base={spec.base}: file not found ({base}); it is relative to the sweep file")
     out_dir = Path(out) if out is not None else Path("sweeps") / spec.name
+    script = (path.parent / spec.script).resolve() if spec.script else None
+    if script is not None and not script.is_file():
+        raise ConfigError(f"{path}: script={spec.script}: file not found ({script}); it is relative to the sweep file")
     fixed = [f"{k}={_value_text(v)}" for k, v in spec.overrides.items()]
     try:
         load_config(base, fixed)
@@ -384,7 +394,7 @@ def resolve(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Sw
         run = [f"run.dir={(out_dir / 'points' / name).resolve()}", f"run.name={name}"]
         points.append(Point(name, values, values[PROCESSES], overrides + run, cfg, steps,
                             plan.micro_size, plan.accumulation, global_size))
-    return Sweep(spec, path.resolve(), base, out_dir, grid_keys, points)
+    return Sweep(spec, path.resolve(), base, out_dir, grid_keys, points, script)
 
 
 def _sanitize(text: str) -> str:

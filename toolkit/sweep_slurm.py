@@ -71,7 +71,8 @@ def submit_points(sweep: Sweep, points: list[Point], spec: slurm.JobSpec, train_
         for p in group:
             (sweep.out / p.run_dir).mkdir(parents=True, exist_ok=True)
         array = f"0-{len(group) - 1}"
-        text = slurm.render(group_spec, tasks, folder / "slurm-%A_%a.out", Path.cwd(), array=array)
+        text = slurm.render(group_spec, tasks, folder / "slurm-%A_%a.out", Path.cwd(), sweep.script or slurm.TRAIN_SCRIPT,
+                            array=array)
         pending = folder / "array-pending.sbatch"
         pending.write_text(text)
         job_id = slurm.sbatch(pending, slurm.sbatch_options(group_spec, folder / "slurm-%A_%a.out", Path.cwd(), array))
@@ -122,7 +123,8 @@ def dry_run(sweep: Sweep, spec: slurm.JobSpec, say: Callable[[str], None]) -> No
         say(f"\njob array for the points of {processes} process(es):\n" + slurm.render(
             _array_spec(sweep, spec, processes), [(train_args(sweep, p), sweep.out / p.run_dir / "train.log")
                                                   for p in group],
-            sweep.out / "slurm" / "slurm-%A_%a.out", Path.cwd(), array=f"0-{len(group) - 1}").rstrip("\n"))
+            sweep.out / "slurm" / "slurm-%A_%a.out", Path.cwd(), sweep.script or slurm.TRAIN_SCRIPT,
+            array=f"0-{len(group) - 1}").rstrip("\n"))
     say("dry run: nothing was submitted (points already done are left out of the real arrays)")
 
 

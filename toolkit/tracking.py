@@ -207,3 +207,61 @@ class MetricsLog:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+
+
+def package_versions(packages=("torch", "accelerate", "deepspeed", "wandb", "transformers")) -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+class Tracker:
+    """The run's records: ``metrics.jsonl`` (main process) and the W&B run (its mode, name, group, config,
+    and the summary), with a resumed run's steps sent to W&B once only."""
+
+    def __init__(self, accelerator, run_dir: Path, is_main: bool):
+        self.accelerator, self.run_dir, self.is_main = accelerator, run_dir, is_main
+        self.wandb_mode = "off"
+        self.metrics: MetricsLog | None = None
+
+    def start(self, tracking, run_name: str, default_group: str, run_id: str, config: dict,
+              resumed_step: int | None) -> None:
+        """Open metrics.jsonl (a resumed run cuts it back to its checkpoint's step) and start or continue the
+        W&B run ``run_id``."""
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main, resumed_step=resumed_step)
+        if self.is_main and self.accelerator.log_with:
+            self.wandb_mode = start_wandb(self.accelerator, tracking.project, config, self.run_dir, run_id, run_name,
+                                          tracking.group or default_group, list(tracking.tags))
+
+    @property
+    def recording(self) -> bool:
+        return self.wandb_mode in ("online", "offline")
+
+    @property
+    def history(self) -> list[dict]:
+        return self.metrics.history
+
+    def log(self, record: dict) -> None:
+        """One record to metrics.jsonl and, under W&B's names, to W&B. A resumed run does not send W&B the steps
+        the killed run had already sent (the same numbers: the resume is exact), so that W&B's steps keep
+        increasing."""
+        self.metrics.log(record)
+        if self.recording and record["step"] > self.metrics.logged_up_to:
+            values = {WANDB_NAMES[k]: v for k, v in record.items() if k in WANDB_NAMES and v is not None}
+            self.accelerator.log(values, step=record["step"])
+
+    def summarise(self, summary: dict) -> None:
+        """The run's summary as the W&B run's ``final/*`` summary values."""
+        if self.is_main and self.recording:
+            self.accelerator.get_tracker("wandb", unwrap=True).summary.update(
+                {f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()

@@ -6,8 +6,8 @@ from the seed, the same data and the same global batches, and times
 * the toolkit: ``Trainer(cfg)``, ``start()``, then ``run_steps(steps)`` (only ``run_steps`` is timed;
   it logs every ``train.log_every`` steps as a user sees it, with the progress bar and validation off);
 * a plain PyTorch loop, written out below: AdamW over the same parameter groups, the same learning-rate
-  schedule, the same micro-batches, ``loss = model(x, y) / valid_targets`` of the global batch,
-  ``backward``, ``clip_grad_norm_``, ``step``, ``zero_grad``, the loss read back at the same cadence.
+  schedule, the same micro-batches, ``loss_sum, _ = model((x, y))``, ``backward``, the gradients
+  divided by the global batch's number of targets, ``clip_grad_norm_``, ``step``, ``zero_grad``, the loss read back at the same cadence.
 
 The two alternate ``repeats`` times after one short untimed warm-up of each, the order of a pair flipping
 every repeat (toolkit, plain, plain, toolkit, toolkit, plain, ...) so that a drift in the machine's speed
@@ -70,13 +70,10 @@ def toolkit_run(cfg: Config, steps: int, run_dir: Path) -> tuple[float, float, d
         _sync(device)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     weights = _weights(trainer.accelerator.unwrap_model(trainer.model))
-    losses = [r["loss"] for r in trainer.metrics.history if "loss" in r]
-    # Not trainer.finish(): it validates, saves weights and destroys the process group. Close the files
-    # and forget Accelerate's process-wide state so that the next Trainer starts as the first did.
-    trainer.progress.close()
-    trainer.metrics.close()
-    trainer.release()  # signal handlers and the run directory's lock
-    trainer.accelerator.end_training()  # finishes the W&B run, if any
+    losses = [r["loss"] for r in trainer.parts.tracker.history if "loss" in r]
+    # Not trainer.finish(): it validates and saves weights. Close what the run holds (files, W&B, lock, signal
+    # handlers) and forget Accelerate's process-wide state so that the next Trainer starts as the first did.
+    trainer.close()
     del trainer
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -113,9 +110,11 @@ def plain_run(
             x, y = data.batch(indices)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(x, y)
-            (loss / valid_targets).backward()
+                loss, _ = model((x, y))
+            loss.backward()  # the sum; divided by the global batch's count below, once
             loss_sum += loss.detach().float()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, torch.tensor(1.0 / valid_targets, device=device))
         if o.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
