@@ -91,14 +91,14 @@ def check_summary(run_dir: Path, steps: int, world_size: int) -> dict:
 
 
 def start_and_kill(overrides: list[str], processes: int, run_dir: Path, delay: float,
-                   env: dict | None = None) -> tuple[int | None, str]:
+                   env: dict | None = None, script: str = "train.py") -> tuple[int | None, str]:
     """Start the run in its own process group, wait for its first checkpoint, sleep ``delay``, SIGKILL the group.
 
     Returns (newest valid checkpoint step after the kill, what happened)."""
     run_dir.mkdir(parents=True)
     with open(run_dir.parent / f"{run_dir.name}.stdout", "w") as out, \
             open(run_dir.parent / f"{run_dir.name}.stderr", "w") as err:
-        proc = subprocess.Popen(train_cmd(overrides, processes), start_new_session=True, env=env or child_env(), cwd=ROOT,
+        proc = subprocess.Popen(train_cmd(overrides, processes, script), start_new_session=True, env=env or child_env(), cwd=ROOT,
                                 stdout=out, stderr=err)
         try:
             deadline = time.monotonic() + 120
