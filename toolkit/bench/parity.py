@@ -191,6 +191,7 @@ def parity(cfg: Config, steps: int = 30, repeats: int = 3) -> dict:
         "ratio": median_toolkit / median_plain,
         # toolkit / plain of each repeat: the two runs of a repeat ran next to each other in time.
         "pair_ratios": [t / p for t, p in zip(toolkit_tps, plain_tps, strict=True)],
+        "median_pair_ratio": statistics.median(t / p for t, p in zip(toolkit_tps, plain_tps, strict=True)),
         # CPU seconds of this process per run (all threads). On a machine shared with other jobs the wall
         # clock is noisy; with one torch thread the CPU time is a steadier second opinion.
         "toolkit_cpu_s": toolkit_cpu,
@@ -250,7 +251,8 @@ def _report(r: dict) -> str:
         f"  device {c['device']}, {c['precision']}, torch {c['torch']} with {c['torch_threads']} threads",
         f"toolkit tokens/s per run: {runs(r['toolkit_tokens_per_s'])}  (median {r['median_toolkit_tokens_per_s']:,.0f})",
         f"plain   tokens/s per run: {runs(r['plain_tokens_per_s'])}  (median {r['median_plain_tokens_per_s']:,.0f})",
-        f"toolkit / plain per repeat: {'  '.join(f'{x:.2f}' for x in r['pair_ratios'])}",
+        f"toolkit / plain per repeat: {'  '.join(f'{x:.2f}' for x in r['pair_ratios'])}  (median "
+        f"{r['median_pair_ratio']:.3f})",
         f"CPU-time ratio (plain / toolkit CPU seconds per run, medians): {r['cpu_ratio']:.2f}",
         f"final weights of all runs: {same}; logged losses max abs diff {r['loss_max_abs_diff']:.2e}",
         *noise,
