@@ -90,11 +90,12 @@ def train(overrides: list[str], processes: int = 1, timeout: float = 240, check:
     return result
 
 
-def train_together(jobs: list[list[str]], timeout: float = 240, check: bool = True) -> list[subprocess.CompletedProcess]:
+def train_together(jobs: list[list[str]], timeout: float = 240, check: bool = True,
+                   script: str = "train.py") -> list[subprocess.CompletedProcess]:
     """Independent one-process runs (lists of overrides) at the same time: each uses one core (one OMP thread),
     so two of them take the wall time of one on a 2-core machine. Only for runs whose test times nothing."""
     with ThreadPoolExecutor(len(jobs)) as pool:
-        return list(pool.map(lambda overrides: train(overrides, timeout=timeout, check=check), jobs))
+        return list(pool.map(lambda overrides: train(overrides, timeout=timeout, check=check, script=script), jobs))
 
 
 def final_weights(run_dir: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,6 @@ from test_resume_kill import start_and_kill
 from toolkit.bench.common import max_rel_diff
 
 CUSTOM = "examples/custom_model.py"
-HF_EXAMPLE = "examples/hf_causal_lm.py"
 TOL = 1e-5
 # Global 16 as 1 x 16, 1 x (4 x 4), 2 x (8 x 1) and 2 x (2 x 4): (processes, micro-batch).
 SPLITS = [(1, 16), (1, 4), (2, 8), (2, 2)]
@@ -37,12 +37,7 @@ def split_runs(tmp_path, job: list[str], script: str) -> dict[tuple[int, int], o
     """The job at every split: the two one-process runs side by side, then the two-process ones."""
     dirs = {split: tmp_path / f"p{split[0]}-m{split[1]}" for split in SPLITS}
     jobs = {split: [*job, f"batch.micro_size={split[1]}", f"run.dir={dirs[split]}"] for split in SPLITS}
-    singles = [s for s in SPLITS if s[0] == 1]
-    if script == "train.py":
-        train_together([jobs[s] for s in singles])
-    else:
-        for s in singles:
-            train(jobs[s], script=script)
+    train_together([jobs[s] for s in SPLITS if s[0] == 1], script=script)
     for s in SPLITS:
         if s[0] > 1:
             train(jobs[s], processes=s[0], script=script)
@@ -132,26 +127,12 @@ def test_an_hf_final_folder_loads_with_from_pretrained_and_gives_the_same_logits
     hf_logits_agree(run_dir)
 
 
-def test_the_examples_run(tmp_path):
-    """examples/hf_causal_lm.py as written (shortened), and the sweep over the custom model's batch sizes."""
-    run_dir = tmp_path / "hf"
-    result = train(["train.steps=12", "train.val_every=6", "checkpoint.every_steps=6", f"run.dir={run_dir}",
-                    "train.progress=false"], script=HF_EXAMPLE)
-    assert "done: 12 steps" in result.stdout
-    config = json.loads((run_dir / "final" / "config.json").read_text())
-    assert config["model_type"] == "gpt2" and config["n_layer"] == 2 and config["vocab_size"] == 256
-    code = f"""
-import torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(run_dir / 'final')!r})
-print(type(m).__name__, m(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits.shape)
-"""
-    loaded = run([sys.executable, "-c", code], timeout=120)
-    assert loaded.returncode == 0 and "GPT2LMHeadModel torch.Size([1, 8, 256])" in loaded.stdout, loaded.stderr[-2000:]
-
+def test_the_sweep_example_runs_the_custom_model_at_three_batch_sizes(tmp_path):
+    """examples/custom_sweep.yaml as the README shows it (the scripts themselves run in tests/test_readme.py, as
+    written, and above at every split)."""
     out = tmp_path / "sweep"
-    sweep = run([str(ROOT / ".venv" / "bin" / "toolkit") if (ROOT / ".venv" / "bin" / "toolkit").exists()
-                 else "toolkit", "sweep", "examples/custom_sweep.yaml", "--out", str(out)], timeout=400)
+    sweep = run([str(Path(sys.executable).with_name("toolkit")), "sweep", "examples/custom_sweep.yaml", "--out", str(out)],
+                timeout=400)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     rows = [json.loads((p / "summary.json").read_text()) for p in sorted((out / "points").iterdir())]
     assert [r["global_size"] for r in rows] == [4, 16, 64]
@@ -205,10 +186,12 @@ def test_sigkill_and_resume_with_dataloader_workers_is_bit_identical(tmp_path):
 
 
 def test_zero2_equals_ddp_with_a_user_model(tmp_path):
+    """The user's script unchanged under the DeepSpeed launch file launch/zero2.yaml."""
     job = [*CUSTOM_JOB, "batch.micro_size=2", "train.steps=30"]
     ddp, zero2 = tmp_path / "ddp", tmp_path / "zero2"
     train([*job, f"run.dir={ddp}"], processes=2, script=CUSTOM)
-    train([*job, f"run.dir={zero2}", "deepspeed.stage=2"], processes=2, script=CUSTOM)
+    result = train([*job, f"run.dir={zero2}"], processes=2, script=CUSTOM, launch="zero2.yaml")
+    assert "memory predicted per device (ZeRO-2)" in result.stdout, result.stdout[-2000:]
     rel, where = max_rel_diff(final_weights(zero2), final_weights(ddp))
     print(f"ZeRO-2 against DDP: max rel diff {rel:.2e} ({where})")
     assert rel <= TOL
@@ -273,3 +256,70 @@ def test_hf_wrapper_sums_what_hf_averages():
     assert int(n) == 15 + 9 + 3  # the first label of each row is never a target (nothing predicts it)
     torch.testing.assert_close(loss_sum, mean * n, rtol=1e-5, atol=1e-5)
 
+
+
+def test_a_user_script_is_what_slurm_jobs_and_slurm_sweeps_run(tmp_path):
+    """``toolkit slurm submit --script`` and a sweep file's ``script:`` put the user's script in the job (rendered
+    with --dry-run; the job itself runs ``$PYTHON $SCRIPT ARGS`` for any script, tested with train.py in
+    tests/test_slurm.py)."""
+    toolkit = str(Path(sys.executable).with_name("toolkit"))
+    job = run([toolkit, "slurm", "submit", "--nodes", "2", "--script", CUSTOM, "--dry-run", "--",
+               f"run.dir={tmp_path / 'job'}", "batch.global_size=16"], timeout=60)
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert f"SCRIPT={ROOT / CUSTOM}" in job.stdout and "batch.global_size=16" in job.stdout
+    sweep = run([toolkit, "sweep", "examples/custom_sweep.yaml", "--launcher", "slurm", "--dry-run", "--out",
+                 str(tmp_path / "sweep")], timeout=60)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    assert sweep.stdout.count(f"SCRIPT={ROOT / CUSTOM}") == 1 and "batch.global_size=64" in sweep.stdout
+
+
+def test_the_contract_check_names_what_was_returned():
+    from toolkit.config import ConfigError
+    from toolkit.steps import check_contract
+
+    loss = torch.tensor(3.0, requires_grad=True)
+    assert check_contract((loss, 4)) == (loss, 4)
+    assert check_contract((loss, torch.tensor([5])))[1].shape == ()  # one number, in any shape of one element
+    cases = [(loss, "a tensor of shape () (a mean loss?)"), (torch.ones(3), "a tensor of shape (3,)"),
+             ((torch.ones(2), 5), "a tuple of 2"), ((loss, torch.tensor([1, 2])), "n_targets is Tensor of shape (2,)"),
+             ({"loss": loss}, "a dict")]
+    for out, words in cases:
+        with pytest.raises(ConfigError) as info:
+            check_contract(out)
+        assert str(info.value).startswith("model(batch) must return (loss_sum, n_targets)") and words in str(info.value)
+
+
+def test_workers_do_not_keep_the_run_directory_locked_after_their_parent_is_killed(tmp_path):
+    """The OOM killer ends the training process alone: its DataLoader workers (forked, so sharing its open files)
+    must not hold run.dir's lock, or the command run again at once is refused as 'in use'."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+    from conftest import kill_job, train_cmd
+    from test_resume_kill import valid_checkpoints
+
+    from toolkit.rundir import RunLock
+
+    run_dir = tmp_path / "run"
+    job = [*CUSTOM_JOB, "train.steps=400", "checkpoint.every_steps=5", "data.workers=2", "batch.micro_size=4",
+           f"run.dir={run_dir}"]
+    proc = subprocess.Popen(train_cmd(job, 1, CUSTOM), cwd=ROOT, env=child_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not valid_checkpoints(run_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2, workers
+        os.kill(proc.pid, signal.SIGKILL)  # the training process only: its workers live on for a moment
+        proc.wait(timeout=30)
+        assert any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        lock = RunLock(run_dir)
+        assert lock.acquire() is None  # free at once, though the workers are still there
+        lock.release()
+    finally:
+        kill_job(proc)

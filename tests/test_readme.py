@@ -18,7 +18,7 @@ import yaml
 from conftest import PYTHON, ROOT, child_env, run
 
 README = ROOT / "README.md"
-RUNNABLE = ("python train.py", "toolkit ", "accelerate launch", "OMP_NUM_THREADS=1 toolkit ")
+RUNNABLE = ("python train.py", "python examples/", "toolkit ", "accelerate launch", "OMP_NUM_THREADS=1 toolkit ")
 
 
 def readme_commands() -> list[str]:
@@ -54,6 +54,7 @@ def test_the_readme_commands_run_as_written_in_order(tmp_path):
     assert commands[0] == "python train.py", commands  # the default job comes first
     assert any("--debug" in c for c in commands) and any(c.startswith("toolkit plot") for c in commands)
     assert any(c.startswith("toolkit sweep configs/sweeps/") for c in commands)
+    assert "python examples/custom_model.py" in commands and "python examples/hf_causal_lm.py" in commands
     clone = fresh_copy(tmp_path / "clone")
     # The README's token-file recipe, with random GPT-2-sized ids standing in for a tokenizer's.
     np.random.default_rng(0).integers(0, 50257, 200_000).astype(np.uint16).tofile(clone / "train.bin")
@@ -75,7 +76,7 @@ def test_the_readme_commands_run_as_written_in_order(tmp_path):
                 words = ["toolkit", "plan", "--config", config, "--world-size", str(processes)]
             else:
                 words = [*words, "train.steps=2"]
-        elif words[:2] == ["python", "train.py"]:
+        elif words[0] == "python" and (words[1] == "train.py" or words[1].startswith("examples/")):
             words = [PYTHON, *words[1:], "train.steps=2"]
         elif words[:2] == ["toolkit", "bench"]:
             words = [*words, "--steps", "2", "--repeats", "1"]

@@ -51,11 +51,15 @@ class RunParts:
             self.shape = None
         # The data first: ``batch.global_size: full`` is the training split's size.
         if train_data is None:
+            if val_data is not None:
+                raise ConfigError("val_data was given without train_data; give both (or neither: the built-in corpora)")
             vocab = shape_from_config(cfg).vocab_size
             train_data, val_data = load_data(cfg, vocab)
         elif len(train_data) == 0:
             raise ConfigError("train_data is empty")
         self.train_data, self.val_data = train_data, val_data
+        if val_data is None and cfg.train.stop_val_loss is not None:
+            raise ConfigError("train.stop_val_loss needs validation data: pass val_data to the Trainer")
         self.tokens_per_sample = getattr(train_data, "tokens_per_sample", cfg.data.seq_len)
         # The plan, once, from the launcher's world size (the Accelerator below must agree).
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -111,7 +115,8 @@ class RunParts:
         if model is None and cfg.model.source == "hf":
             from toolkit.hf import build_hf_model
 
-            return build_hf_model(cfg, shape_from_config(cfg).vocab_size if self.builtin_data else None)
+            return build_hf_model(cfg, shape_from_config(cfg).vocab_size if self.builtin_data and not cfg.model.hf_pretrained
+                                  else None)
         if not isinstance(model, torch.nn.Module):  # a function that builds it: the same weights on every rank
             torch.manual_seed(cfg.seed)
             model = model()
@@ -142,7 +147,7 @@ class RunParts:
         self.engine_model, self.optimizer = acc.prepare(self.model, optimizer)
         self.plain_model = acc.unwrap_model(self.engine_model, keep_torch_compile=False)  # eval, checks, saving
         self.checkpointer.bind(self.engine_model, self.optimizer, self.plain_model, ordered_params, layout, self.deepspeed)
-        self.steps = (DeepSpeedSteps(self.engine_model, self.plain_model, self.plan.world_size, self.checkpointer.zero_shards)
+        self.steps = (DeepSpeedSteps(self.engine_model, self.plain_model, self.plan.world_size)
                       if self.deepspeed else
                       DDPSteps(self.engine_model, self.optimizer, o.grad_clip, self.plan.world_size))
 
@@ -150,7 +155,7 @@ class RunParts:
         """This rank's loader over ``batch_sampler`` (data.workers, data.pin_memory on CUDA, data.prefetch_factor)."""
         d = self.cfg.data
         return make_loader(dataset, batch_sampler, collate, d.workers, d.pin_memory and self.accelerator.device.type == "cuda",
-                           d.prefetch_factor, persistent)
+                           d.prefetch_factor, persistent, self.cfg.seed, self.checkpointer.lock_fds())
 
     def measured_memory(self) -> dict:
         """The measured peaks per device (the largest over the ranks: a collective) next to the prediction; printed."""

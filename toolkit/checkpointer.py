@@ -45,6 +45,11 @@ class Checkpointer:
                 rundir.empty(self.run_dir)
             checkpoint.remove_leftovers(self.root)
 
+    def lock_fds(self) -> tuple[int, ...]:
+        """File descriptors a forked helper process must close (the run directory's lock)."""
+        fd = self.lock.fileno() if self.lock else None
+        return () if fd is None else (fd,)
+
     def release(self) -> None:
         if self.lock:
             self.lock.release()

@@ -11,7 +11,8 @@ is either the built-in corpora's ``(inputs, targets)`` (targets already shifted,
 dict with ``input_ids`` and ``labels`` (unshifted, as HF models take them; -100 ignored), plus any other
 keys the model takes (``attention_mask``).
 
-The run's ``final/`` folder is then written with ``save_pretrained``: ``AutoModelForCausalLM.from_pretrained``
+Weights are fp32 whatever dtype a folder's config names (``train.precision`` decides autocast). The run's
+``final/`` folder is then written with ``save_pretrained``: ``AutoModelForCausalLM.from_pretrained``
 loads it as is.
 """
 
@@ -101,7 +102,8 @@ def build_hf_model(cfg: Config, vocab_size: int | None) -> HFCausalLM:
         setattr(config, key, value)
     torch.manual_seed(cfg.seed)
     if m.hf_pretrained:
-        model = transformers.AutoModelForCausalLM.from_pretrained(m.hf_config, config=config, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(m.hf_config, config=config, local_files_only=True,
+                                                                  dtype=torch.float32)
     else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return HFCausalLM(model)

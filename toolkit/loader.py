@@ -14,6 +14,8 @@ Any map-style dataset works (``len`` and ``dataset[i]``, e.g. a ``TensorDataset`
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 from collections.abc import Callable, Iterator, Mapping
 
@@ -78,23 +80,35 @@ class InProcessLoader:
 
 
 def make_loader(dataset, batch_sampler, collate: Callable | None, workers: int, pin_memory: bool,
-                prefetch_factor: int, persistent: bool = False):
+                prefetch_factor: int, persistent: bool = False, seed: int = 0, close_fds: tuple[int, ...] = ()):
     """A ``DataLoader`` over ``batch_sampler`` (``InProcessLoader`` when it would load in this process anyway).
-    Workers ignore stop signals: the training process decides when to stop, after a step, with a checkpoint,
-    and a worker ended by Ctrl-C or a scheduler's SIGTERM would make the next batch fail instead."""
+
+    Its own generator, seeded with ``seed``: a DataLoader iterator otherwise draws its workers' base seed from
+    the global RNG, and a resumed run (which builds its loaders again after restoring that RNG) would then
+    draw numbers the uninterrupted run did not. Randomness *inside* workers (augmentation) is seeded per
+    worker, not per sample, so it is not part of the exact-resume guarantee. Workers ignore stop signals (the
+    training process stops after a step, with a checkpoint; a worker ended by Ctrl-C or a scheduler's SIGTERM
+    would make the next batch fail instead) and close ``close_fds`` (the run directory's lock, which a forked
+    worker would otherwise hold after its parent was killed)."""
     if workers == 0 and not pin_memory:
         return InProcessLoader(dataset, batch_sampler, collate_for(dataset, collate))
     return DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate_for(dataset, collate),
         num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None,
-        persistent_workers=persistent and workers > 0, worker_init_fn=ignore_stop_signals,
+        persistent_workers=persistent and workers > 0, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=functools.partial(start_worker, close_fds=close_fds),
     )
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def start_worker(worker_id: int, close_fds: tuple[int, ...] = ()) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def validation_micro_batches(val_data, plan: BatchPlan, count: int, rank: int) -> list[list[int]]:

@@ -156,6 +156,10 @@ class RunLock:
         self._file = f
         return None
 
+    def fileno(self) -> int | None:
+        """The lock file's descriptor (a forked child that keeps it open keeps the lock: DataLoader workers close it)."""
+        return self._file.fileno() if self._file is not None else None
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the file drops the flock

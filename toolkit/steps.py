@@ -19,8 +19,8 @@ per-micro-batch means is the classic bug, transformers#34191).
 the update, clipped, at the accumulation boundary only. The division by the global count happens inside
 that last ``engine.step``, as the *unscaling* of a loss scale: ZeRO's optimizers divide the gradients by
 their loss scale and clip the result (and report the unscaled norm), so setting that scale to
-``global_targets / world`` for the one call divides exactly as DDP's path does. Stage 0 in fp32 keeps
-plain gradients (``p.grad``), divided directly; stage 0 in bf16 keeps them in its fp32 buffers.
+``global_targets / world`` for the one call divides exactly as DDP's path does. Stage 0 keeps plain
+gradients (``p.grad``), divided directly; DeepSpeed's BF16_Optimizer keeps them in its fp32 buffers.
 """
 
 from __future__ import annotations
@@ -36,11 +36,18 @@ CONTRACT = ("model(batch) must return (loss_sum, n_targets): the sum (not the me
             "the micro-batch and how many targets it had")
 
 
-def check_contract(out) -> tuple[torch.Tensor, torch.Tensor]:
+def check_contract(out) -> tuple[torch.Tensor, torch.Tensor | int | float]:
     """A model's output as ``(loss_sum, n_targets)``, or ConfigError naming the contract (a plain mean, a
     transformers output, a per-target loss ...)."""
     if isinstance(out, tuple | list) and len(out) == 2 and torch.is_tensor(out[0]) and out[0].dim() == 0:
-        return out[0], out[1]
+        n_targets = out[1]
+        if torch.is_tensor(n_targets) and n_targets.numel() == 1:
+            return out[0], n_targets.reshape(())
+        if isinstance(n_targets, int | float):
+            return out[0], n_targets
+        raise ConfigError(f"{CONTRACT}; its n_targets is {type(n_targets).__name__}"
+                          + (f" of shape {tuple(n_targets.shape)}" if torch.is_tensor(n_targets) else "")
+                          + ", not one number")
     if hasattr(out, "logits"):
         got = f"a {type(out).__name__} (a transformers model: use model.source=hf, or wrap it in toolkit.hf.HFCausalLM)"
     elif torch.is_tensor(out):
@@ -72,12 +79,13 @@ class DDPSteps:
         self.model, self.grad_clip, self.world_size = model, grad_clip, world_size
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        inner = getattr(model, "_orig_mod", model)  # model.compile wraps DDP (Accelerate compiles last)
+        self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
 
     def accumulating(self, accumulate: bool):
         """DDP decides in forward whether the coming backward all-reduces (``no_sync`` clears
         ``require_backward_grad_sync``, which forward reads), so forward and backward both run inside."""
-        return self.model.no_sync() if accumulate and self.ddp else contextlib.nullcontext()
+        return self.ddp.no_sync() if accumulate and self.ddp is not None else contextlib.nullcontext()
 
     def backward(self, loss_sum: torch.Tensor, sync: bool) -> None:
         loss_sum.backward()
@@ -105,9 +113,8 @@ class DDPSteps:
 class DeepSpeedSteps:
     """A DeepSpeed engine (ZeRO stage 0-3)."""
 
-    def __init__(self, engine, plain_model, world_size: int, zero_shards: bool):
+    def __init__(self, engine, plain_model, world_size: int):
         self.engine, self.plain_model, self.world_size = engine, plain_model, world_size
-        self.zero_shards = zero_shards  # ZeRO 1-3 or the bf16 optimizer: gradients live in DeepSpeed's buffers
         self.params = [p for p in plain_model.parameters() if p.requires_grad]
 
     def accumulating(self, accumulate: bool):
@@ -130,20 +137,23 @@ class DeepSpeedSteps:
         non-finite gradient. Stage 0 in fp32 cannot skip: a non-finite norm there stops the run."""
         scale = float(global_targets) / self.world_size
         optimizer = self.engine.optimizer
-        stage0_norm = None
+        stage0_norm, zero_scale = None, None
         if hasattr(optimizer, "loss_scaler") and hasattr(type(optimizer), "loss_scale"):
-            optimizer.loss_scale = scale  # ZeRO 1-3: unscaled (divided) and clipped inside step()
-        elif hasattr(optimizer, "fp32_groups_gradients_flat"):  # stage 0 in bf16 (DeepSpeed's BF16_Optimizer)
+            zero_scale = optimizer.loss_scale  # ZeRO 1-3: unscaled (divided) and clipped inside step()
+            optimizer.loss_scale = scale
+        elif hasattr(optimizer, "fp32_groups_gradients_flat"):
+            # DeepSpeed's BF16_Optimizer (ZeRO-1 with an fp32 grad_accum_dtype): its fp32 gradient buffers, reduced
+            # by the boundary's backward, are what it clips and applies.
             torch._foreach_div_(optimizer.fp32_groups_gradients_flat, scale)
-        else:  # stage 0 in fp32: plain gradients, all-reduced by now; DeepSpeed clips without keeping the norm
+        else:  # stage 0 (fp32, or bf16 through DeepSpeed's unfused optimizer): p.grad, all-reduced by now
             grads = self.grads()
             torch._foreach_div_(grads, scale)
-            stage0_norm = global_norm(grads)
+            stage0_norm = global_norm(grads)  # DeepSpeed clips stage 0 without keeping the norm
         try:
             self.engine.step()
         finally:
-            if stage0_norm is None and hasattr(type(optimizer), "loss_scale") and hasattr(optimizer, "loss_scaler"):
-                optimizer.loss_scale = 1.0
+            if zero_scale is not None:
+                optimizer.loss_scale = zero_scale
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float(stage0_norm if grad_norm is None else grad_norm))
         finite = bool(torch.isfinite(grad_norm))

@@ -262,6 +262,11 @@ class Tracker:
             self.accelerator.get_tracker("wandb", unwrap=True).summary.update(
                 {f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
 
+    def fail(self) -> None:
+        """End the W&B run as failed (exit code 1): the run crashed; ``close`` would finish it as a success."""
+        if self.is_main and self.recording:
+            self.accelerator.get_tracker("wandb", unwrap=True).finish(exit_code=1)
+
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()

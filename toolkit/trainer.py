@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from toolkit.build import RunParts, build_parts, describe, done_line, wandb_config
 from toolkit.checkpoint import TrainingState
 from toolkit.config import Config, to_yaml
-from toolkit.errors import NonFiniteError, Preempted
+from toolkit.errors import CheckpointWriteError, NonFiniteError, Preempted
 from toolkit.loader import StepBatches, to_device, validation_micro_batches
 from toolkit.memory import peaks_over_ranks
 from toolkit.metrics import NOISE_KEYS, Throughput, local_norm_hook, speed_record
@@ -112,6 +112,10 @@ class Trainer:
             sys.stderr.write(f"stopped: {exc}\n")
             sys.stderr.flush()
             raise
+        except BaseException as exc:
+            if not isinstance(exc, NonFiniteError | CheckpointWriteError):  # not a stop the run decided on: a crash
+                self.parts.tracker.fail()  # (or a second Ctrl-C): the W&B run is marked failed, not finished
+            raise
         finally:
             self.close()  # W&B, the files, the process group and the signal handlers, however the run ends
 
@@ -192,12 +196,14 @@ class Trainer:
             step_loss += loss_sum.detach().float()
             targets += n_targets
         global_targets = self.ranks.sum(targets)  # one scalar all-reduce per step
+        if p.noise is not None:  # read now: the update's own host sync (the norm check) comes next anyway
+            small_targets, big_targets = float(first_targets), float(global_targets)
         p.memory.update_begins()
         applied, self.grad_norm = self.steps.step(global_targets, self.step + 1)
         if applied:
             # One micro-step per step: the hook took the local norm (DDP), or, in a ramp step, nobody did.
             if p.noise is not None and (step_plan.accumulation > 1 or self.plan.accumulation == 1):
-                p.noise.update(self.grad_norm, float(first_targets), float(global_targets), step_plan.global_size)
+                p.noise.update(self.grad_norm, small_targets, big_targets, step_plan.global_size)
             self.skipped_in_row = 0
             self.loss_sum += step_loss
             self.targets_since_log += global_targets
@@ -258,7 +264,7 @@ class Trainer:
         speed = speed_record(elapsed, steps, samples - self.batches.samples_before(since), p.tokens_per_sample,
                              plan.world_size, p.flops_per_token, p.peak_flops)
         step_plan = self.step_batches.step_plan(self.step - 1)  # the last step's (a ramp changes it)
-        self.log({
+        self.parts.tracker.log({
             "step": self.step, "samples": samples, "tokens": samples * p.tokens_per_sample, "loss": loss, "lr": self.lr,
             "grad_norm": float(self.grad_norm), "skipped_steps": self.skipped_steps, **speed,
             "memory_peak_gib": p.memory.peak_so_far() / 2**30, "global_size": step_plan.global_size,
@@ -273,14 +279,9 @@ class Trainer:
         self.loss_sum.zero_()
         self.targets_since_log.zero_()
 
-    def log(self, record: dict) -> None:
-        self.parts.tracker.log(record)
-
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> float:
         """Target-weighted loss over ``train.val_batches`` fixed global batches of the validation split."""
-        if self.val_data is None:
-            return None
         if not hasattr(self, "val_loader"):  # built once; its workers (if any) stay for the next validation
             micro = validation_micro_batches(self.val_data, self.plan, self.cfg.train.val_batches, self.rank)
             self.val_loader = self.parts.loader(self.val_data, micro, self.collate, persistent=True)
@@ -296,11 +297,13 @@ class Trainer:
     def log_validation(self) -> None:
         started = time.perf_counter()
         train_time_s = self.clock.now(self.step)  # the training time up to this step, without this validation
+        if self.val_data is None:
+            return
         self.last_val_loss, self.last_val_step = self.evaluate(), self.step
         samples = self.batches.samples_before(self.step)
-        self.log({"step": self.step, "samples": samples, "tokens": samples * self.parts.tokens_per_sample,
+        self.parts.tracker.log({"step": self.step, "samples": samples, "tokens": samples * self.parts.tokens_per_sample,
                   "val_loss": self.last_val_loss, "train_time_s": train_time_s})
-        if self.ranks.is_main and self.last_val_loss is not None:
+        if self.ranks.is_main:
             self.progress.write(f"step {self.step:>6}  val_loss {self.last_val_loss:.4f}")
         self.clock.pause_since(started)
 

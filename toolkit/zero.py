@@ -151,8 +151,9 @@ def full_model_state(model: torch.nn.Module, keep: bool) -> tuple[dict[str, torc
         finite = finite and bool(torch.isfinite(value).all())
         if keep:
             whole[name] = value.clone()
-    if keep:
-        whole.update({name: b.detach().to("cpu").clone() for name, b in model.named_buffers()})
+    if keep:  # the buffers a state_dict holds (non-persistent ones, such as rotary tables, are rebuilt by the model)
+        persistent = model.state_dict().keys()
+        whole.update({name: b.detach().to("cpu").clone() for name, b in model.named_buffers() if name in persistent})
     return whole, finite
 
 
