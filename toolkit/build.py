@@ -1,6 +1,6 @@
 """Building a run's parts, in the order the data flows: config -> data -> plan -> model -> engine.
 
-``build_parts`` makes what the trainer coordinates: the data (the user's datasets, or the built-in corpora),
+``RunParts`` makes what the trainer coordinates: the data (the user's datasets, or the built-in corpora),
 the batch plan (once, from the launcher's world size), the model (the user's, an HF model, or the built-in
 GPT), the Accelerator, and the components (checkpointer, tracker, memory meter, noise probe). ``prepare``
 then wraps the model in DDP or a DeepSpeed engine, after a checkpoint's weights are loaded into it.
@@ -191,10 +191,6 @@ class RunParts:
             "target_val_loss": self.cfg.train.stop_val_loss, "stopped_at_target": trainer.stopped_at_target,
             "wandb_run_id": trainer.wandb_run_id if self.tracker.wandb_mode != "off" else None,
         }
-
-
-def build_parts(cfg: Config, model=None, train_data=None, val_data=None) -> RunParts:
-    return RunParts(cfg, model, train_data, val_data)
 
 
 def hidden_size(model: torch.nn.Module) -> int:

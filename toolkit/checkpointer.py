@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from toolkit import checkpoint, rundir, zero
 from toolkit.collective import Ranks
 from toolkit.config import Config, ConfigError
-from toolkit.steps import NonFiniteError
+from toolkit.errors import NonFiniteError
 from toolkit.tracking import write_json_atomic
 
 

@@ -179,7 +179,6 @@ def config_from_argv(argv: list[str], defaults: list[str] | tuple[str, ...] = ()
 
 
 def train_main(argv: list[str]) -> int:
-    catch_early()  # a scheduler's stop signal during start-up stops the run after its first step (exit 75)
     parser = build_train_parser()
     args = parser.parse_intermixed_args(argv)  # `train.py key=value --debug key=value` works too
 
@@ -202,7 +201,7 @@ def run(train) -> int:
     ended: 0 done (or already finished), 2 a bad configuration, 3 a non-finite value, 4 a full disk, 75 preempted,
     130 interrupted; the error in one line on stderr. A user's script ends with ``sys.exit(toolkit.run(main))``
     and behaves as train.py does under any launcher and under Slurm (which requeues exit 75)."""
-    catch_early()  # (a no-op when train.py did it already)
+    catch_early()  # a stop signal during start-up stops the run after its first step (train.py did this on its first line)
     try:
         from toolkit.errors import CheckpointWriteError, NonFiniteError, Preempted
         from toolkit.rundir import AlreadyFinished

@@ -27,7 +27,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from toolkit.build import RunParts, build_parts, describe, done_line, wandb_config
+from toolkit.build import RunParts, describe, done_line, wandb_config
 from toolkit.checkpoint import TrainingState
 from toolkit.config import Config, to_yaml
 from toolkit.errors import CheckpointWriteError, NonFiniteError, Preempted
@@ -47,7 +47,7 @@ class Trainer:
         collate function. Without them, the built-in GPT and corpora (or ``model.source: hf``).
         ``fresh_run_dir``: empty run.dir first (a debug run's own directory: it never continues)."""
         self.cfg, self.collate = cfg, collate
-        self.parts: RunParts = build_parts(cfg, model, train_data, val_data)  # model, data, plan, engine
+        self.parts = RunParts(cfg, model, train_data, val_data)  # model, data, plan, engine
         p = self.parts
         self.accelerator, self.ranks, self.plan, self.batches = p.accelerator, p.ranks, p.plan, p.batches
         self.rank, self.world_size = p.ranks.rank, p.ranks.world_size
@@ -55,7 +55,7 @@ class Trainer:
         self.step, self.micro_step, self.skipped_steps, self.skipped_in_row = 0, 0, 0, 0
         self.last_val_loss = self.last_val_step = None
         self.stopped_at_target, self.wandb_run_id = False, None
-        self.closed, self.progress, self._samples_file = False, None, None
+        self.closed, self.progress, self._samples_file, self.batch_iter, self.val_loader = False, None, None, None, None
         self.stops = StopSignals(self.ranks.is_main)  # SIGTERM, SIGUSR1/2, Ctrl-C: stop after the step, agreed
         self.clock = Throughput(0.0, 0)  # the training time (a resumed run's starts with its earlier segments')
         try:
@@ -282,7 +282,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Target-weighted loss over ``train.val_batches`` fixed global batches of the validation split."""
-        if not hasattr(self, "val_loader"):  # built once; its workers (if any) stay for the next validation
+        if self.val_loader is None:  # built once; its workers (if any) stay for the next validation
             micro = validation_micro_batches(self.val_data, self.plan, self.cfg.train.val_batches, self.rank)
             self.val_loader = self.parts.loader(self.val_data, micro, self.collate, persistent=True)
         self.plain_model.eval()
