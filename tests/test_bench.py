@@ -7,7 +7,9 @@ end on the same weights and log the same losses, and the numbers in the result a
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +84,30 @@ def test_tracking_bench_runs_and_tracking_changes_no_weight(monkeypatch):
     assert out["weights_max_rel_diff"] == 0.0, out["report"]
     assert len(out["on_tokens_per_s"]) == len(out["off_tokens_per_s"]) == 1 and out["ratio"] > 0
     assert out["report"].splitlines()[-1] == f"tracking ratio (on / off tokens/s, medians): {out['ratio']:.3f}"
+
+
+def test_the_gpu_bench_runs_its_rows_end_to_end_on_a_cpu(tmp_path):
+    """``toolkit bench gpu`` is for a GPU; here its whole table, shrunk (nano model, eager, 2 steps a row), on the
+    CPU: every row of the toolkit (1 process and ZeRO-2) against the plain loop at the same micro size, the
+    loss in one piece against chunks, and batch.micro_size=auto with the largest size that fits."""
+    from conftest import PYTHON, child_env, run
+
+    out = tmp_path / "gpu.json"
+    cmd = [str(Path(PYTHON).with_name("toolkit")), "bench", "gpu", "--micro", "1,2", "--modes", "eager", "--engines", "ddp,zero2", "--plain", "eager",
+           "--warmup", "1", "--steps", "2", "--auto-share", "6", "--out", str(out), "train.device=cpu",
+           "train.precision=fp32", "model.size=nano", "model.vocab_size=256", "data.seq_len=32",
+           "data.synthetic_tokens=20000", "model.loss_chunk=16"]
+    result = run(cmd, timeout=300, env=child_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    rows = {(row["name"], row["micro_size"]): row for row in r["rows"]}
+    for micro in (1, 2):
+        assert rows[("plain eager", micro)]["tokens_per_s"] > 0
+        for name in ("toolkit eager 1 GPU", "toolkit eager ZeRO-2"):
+            assert 0.2 < rows[(name, micro)]["vs_plain"] < 5, rows[(name, micro)]
+    assert rows[("toolkit eager, loss_chunk=0", 2)]["tokens_per_s"] > 0
+    assert rows[("toolkit eager, loss_chunk=16", 2)]["tokens_per_s"] > 0
+    auto = next(row for row in r["rows"] if row["name"] == "toolkit eager, micro auto")
+    assert auto["auto_micro"]["micro_size"] == 6 and auto["accumulation"] == 1  # nothing runs out on a CPU
+    assert auto["largest_fitting"] == 6 and auto["auto_vs_largest"] == 1.0
+    assert "auto: micro 6" in result.stdout and "plain eager" in result.stdout

@@ -110,11 +110,12 @@ def test_loss_is_a_sum_over_valid_targets():
     y[0, 10:] = IGNORE  # padded tails of different lengths
     y[2, 3:] = IGNORE
     captured = {}
-    handle = model.lm_head.register_forward_hook(lambda m, i, out: captured.__setitem__("logits", out))
+    # The output layer returns the loss itself (chunked, toolkit/loss.py): the logits from its input.
+    handle = model.lm_head.register_forward_hook(lambda m, i, out: captured.__setitem__("hidden", i[0]))
     with torch.no_grad():
         loss, n_targets = model((x, y))
     handle.remove()
-    logits = captured["logits"].float().view(-1, 64)
+    logits = F.linear(captured["hidden"], model.lm_head.weight).float().view(-1, 64)
     valid = int((y != IGNORE).sum())
     assert valid == 16 + 10 + 3 == int(n_targets)  # the contract's count
     mean = F.cross_entropy(logits, y.view(-1), ignore_index=IGNORE)  # PyTorch's default: the mean

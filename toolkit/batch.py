@@ -133,11 +133,12 @@ def make_full_plan(train_samples: int, micro_size: int | None, world_size: int, 
     return BatchPlan(train_samples, micro_size, accumulation, world_size, seq_len, ragged=True)
 
 
-def plan_for_config(cfg, world_size: int, train_samples: int | None = None) -> BatchPlan:
-    """The batch plan of a run's full-size steps (after any ramp): ``make_plan`` from the config."""
+def plan_for_config(cfg, world_size: int, train_samples: int | None = None, micro_size: int | None = None) -> BatchPlan:
+    """The batch plan of a run's full-size steps (after any ramp): ``make_plan`` from the config. ``micro_size``:
+    what ``batch.micro_size: auto`` chose (without it, auto plans as if unset: the largest micro size there is)."""
+    micro = micro_size or (None if cfg.batch.micro_size == "auto" else cfg.batch.micro_size)
     if cfg.batch.global_size == FULL:
-        return make_full_plan(global_size_of(cfg, train_samples), cfg.batch.micro_size, world_size, cfg.data.seq_len)
-    micro = cfg.batch.micro_size
+        return make_full_plan(global_size_of(cfg, train_samples), micro, world_size, cfg.data.seq_len)
     if micro is None and cfg.batch.ramp.start is not None:
         micro = ramp_micro_default(cfg, world_size)
     return make_plan(int(cfg.batch.global_size), micro, world_size, cfg.data.seq_len)
@@ -236,10 +237,11 @@ class BatchSchedule:
         return step + -(-(samples - self.samples_before(step)) // self.global_size)
 
 
-def schedule_for_config(cfg, world_size: int, train_samples: int | None = None) -> tuple[BatchPlan, BatchSchedule]:
+def schedule_for_config(cfg, world_size: int, train_samples: int | None = None,
+                        micro_size: int | None = None) -> tuple[BatchPlan, BatchSchedule]:
     """The full-size plan and the batch schedule, with ``batch.ramp`` checked against the plan: every ramp
     size must be a multiple of micro x world, so each ramp step is whole micro-batches on every process."""
-    plan = plan_for_config(cfg, world_size, train_samples)
+    plan = plan_for_config(cfg, world_size, train_samples, micro_size)
     ramp = cfg.batch.ramp
     if ramp.start is None:
         return plan, BatchSchedule(plan.global_size)

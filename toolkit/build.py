@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from toolkit import zero
+from toolkit.autobatch import AUTO, choose_micro_size, settled_baseline
 from toolkit.batch import BatchPlan, BatchSchedule, peak_lrs, schedule_for_config
 from toolkit.checkpointer import Checkpointer
 from toolkit.collective import Ranks
 from toolkit.config import Config, ConfigError
 from toolkit.data import GlobalBatchSampler, load_data
-from toolkit.engine import build_accelerator
+from toolkit.engine import build_accelerator, init_process_group, mixed_precision, run_device
 from toolkit.loader import make_loader
 from toolkit.memory import (
     PeakMeter,
@@ -42,7 +43,7 @@ class RunParts:
     plan: BatchPlan
     batches: BatchSchedule
 
-    def __init__(self, cfg: Config, model, train_data, val_data):
+    def __init__(self, cfg: Config, model, train_data, val_data, collate=None):
         self.cfg = cfg
         self.builtin_data = train_data is None
         if model is None and cfg.model.source == "builtin":
@@ -64,19 +65,25 @@ class RunParts:
         # The plan, once, from the launcher's world size (the Accelerator below must agree).
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.plan, self.batches = schedule_for_config(cfg, world, len(train_data))
-        self.sampler = GlobalBatchSampler(len(train_data), self.plan.global_size, cfg.seed)
         # Constructing the first optimizer imports ~70 MB of modules (torch._dynamo); do it now, so that the
         # memory baseline below holds them and the measured peak counts the model's own memory only.
         torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-        if self.shape is None:  # the user's model (or an HF one): DeepSpeed's buckets are sized from it
+        self.auto_micro = None
+        if cfg.batch.micro_size == AUTO:  # the model first, measured at growing micro sizes; then the plan
+            baseline = self._choose_micro_size(model, collate, world)
+        elif self.shape is None:  # the user's model (or an HF one): DeepSpeed's buckets are sized from it
             self.model = self._model(model)
+        self.sampler = GlobalBatchSampler(len(train_data), self.plan.global_size, cfg.seed)
         self.accelerator = build_accelerator(cfg, self.plan, self.shape.n_embd if self.shape else hidden_size(self.model))
         acc = self.accelerator
-        # The baseline: what is in use before the built-in model is built (a model passed in is below it on a
-        # CPU; on CUDA every model is still on the CPU here).
-        self.memory = PeakMeter(acc.device, PeakMeter.baseline_now(acc.device))
-        if self.shape is not None:
-            self.model = build_model(cfg)
+        if self.auto_micro is None:
+            # The baseline: what is in use before the built-in model is built (a model passed in is below it on a
+            # CPU; on CUDA every model is still on the CPU here).
+            self.memory = PeakMeter(acc.device, PeakMeter.baseline_now(acc.device))
+            if self.shape is not None:
+                self.model = build_model(cfg)
+        else:
+            self.memory = PeakMeter(acc.device, baseline)
         if acc.num_processes != self.plan.world_size:
             raise ConfigError(f"the launcher started {acc.num_processes} processes but WORLD_SIZE says {world}")
         self.ranks = Ranks(acc.process_index, acc.num_processes)
@@ -110,6 +117,31 @@ class RunParts:
         data_name = cfg.data.source if self.builtin_data else type(train_data).__name__
         self.default_group = f"{name}-{data_name}-seq{cfg.data.seq_len}"
 
+    def _choose_micro_size(self, model, collate, world: int) -> int:
+        """``batch.micro_size: auto``: build the model on this process's device, measure it at growing micro sizes
+        (``toolkit/autobatch.py``; the ranks agree through a process group made here, before the Accelerator,
+        which needs the plan), and plan with the size found. Returns the memory baseline (before the model)."""
+        cfg = self.cfg
+        device = run_device(cfg)
+        init_process_group(device)
+        ranks = Ranks(int(os.environ.get("RANK", "0")), world)
+        ranks.all_ok(True)  # gloo allocates ~5 MB at its first collective: before the baseline, not the model's
+        baseline = settled_baseline(device)
+        self.model = (build_model(cfg) if self.shape is not None else self._model(model)).to(device)
+        # The micro size must divide this process's share of the full step and of every ramp step (or, for a
+        # full batch that does not divide, only be at most its share).
+        shares = [self.plan.global_size // world]
+        if cfg.batch.ramp.start is not None:
+            shares += [cfg.batch.ramp.start // world, cfg.batch.ramp.increment // world]
+        ds = cfg.deepspeed
+        setup = {"zero_stage": ds.stage, "offload": [ds.offload_optimizer, ds.offload_params], "compile": cfg.model.compile,
+                 "loss_chunk": cfg.model.loss_chunk, "margin": cfg.batch.memory_margin, "ragged": self.plan.ragged}
+        self.auto_micro = choose_micro_size(cfg, self.model, self.train_data, collate, device,
+                                            mixed_precision(cfg, device.type == "cpu") == "bf16", baseline, shares,
+                                            ranks, setup, ragged=self.plan.ragged)
+        self.plan, self.batches = schedule_for_config(cfg, world, len(self.train_data), self.auto_micro.micro_size)
+        return baseline
+
     def _model(self, model) -> torch.nn.Module:
         cfg = self.cfg
         if model is None and cfg.model.source == "hf":
@@ -137,8 +169,7 @@ class RunParts:
     def prepare(self) -> None:
         """The optimizer, and the model and optimizer wrapped for the run (DDP, autocast, compile, or DeepSpeed)."""
         acc, o = self.accelerator, self.cfg.optim
-        optimizer = torch.optim.AdamW(optimizer_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                      eps=o.eps)
+        optimizer = make_optimizer(self.cfg, self.model, acc.device)
         # The parameters in the optimizer's order, and its groups: what a checkpoint's optimizer.pt indexes.
         ordered_params = [p for group in optimizer.param_groups for p in group["params"]]
         layout = zero.remember_groups(optimizer)
@@ -177,7 +208,7 @@ class RunParts:
             "final_loss": train_losses[-1] if train_losses else None, "skipped_steps": trainer.skipped_steps,
             "first_loss": train_losses[0] if train_losses else None, "val_loss": trainer.last_val_loss,
             "world_size": plan.world_size, "micro_size": plan.micro_size, "accumulation": plan.accumulation,
-            "global_size": plan.global_size,
+            "global_size": plan.global_size, "auto_micro": self.auto_micro.as_dict() if self.auto_micro else None,
             # Over the whole run, all its segments (a resumed run carries the time of the earlier ones).
             "tokens_per_s": samples * self.tokens_per_sample / train_time if train_time else None,
             "train_time_s": train_time, "n_params": self.n_params, "n_params_total": self.n_params_total,
@@ -191,6 +222,14 @@ class RunParts:
             "target_val_loss": self.cfg.train.stop_val_loss, "stopped_at_target": trainer.stopped_at_target,
             "wandb_run_id": trainer.wandb_run_id if self.tracker.wandb_mode != "off" else None,
         }
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``optimizer_groups``; on CUDA its fused kernel (one launch for all parameters, and no host sync:
+    its step count stays on the device), on CPU PyTorch's default (the fused CPU kernel rounds differently)."""
+    o = cfg.optim
+    return torch.optim.AdamW(optimizer_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=True if device.type == "cuda" else None)
 
 
 def hidden_size(model: torch.nn.Module) -> int:
@@ -217,7 +256,8 @@ def describe(parts: RunParts, run_dir: Path) -> str:
                f"peak LR {parts.peak_lr:.3g} = optim.lr {cfg.optim.lr:g} scaled by the {cfg.optim.lr_scaling} rule "
                f"from optim.reference_batch {cfg.optim.reference_batch} to {plan.global_size}\n")
     model = parts.shape if parts.shape else type(parts.model).__name__
-    return (f"run directory: {run_dir}\n{plan.table()}\n{ramp_line}{lr_line}"
+    auto_line = parts.auto_micro.line() + "\n" if parts.auto_micro else ""
+    return (f"run directory: {run_dir}\n{plan.table()}\n{auto_line}{ramp_line}{lr_line}"
             f"model: {parts.n_params_total:,} parameters ({parts.n_params:,} without position embeddings: the N "
             f"of 6N FLOPs per token), {model}\n"
             f"device: {acc.device} ({acc.distributed_type}), precision: {precision}\n"
@@ -242,6 +282,7 @@ def wandb_config(parts: RunParts) -> dict:
                      "distributed_type": str(acc.distributed_type), "precision": acc.mixed_precision},
         "versions": package_versions(),
         "model_class": type(parts.model).__name__,
+        "auto_micro": parts.auto_micro.as_dict() if parts.auto_micro else None,
         "n_params": parts.n_params,
         "flops_per_token": parts.flops_per_token,
     }

@@ -27,6 +27,7 @@ EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): stopped after the step in flight with a checkpoint; a second Ctrl-C stops at once."""
 BENCH_PARITY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-parity.yaml"
 BENCH_MEMORY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-memory.yaml"
+BENCH_GPU_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-gpu.yaml"
 DEBUG_STEPS = 20
 """Debug mode runs at most this many steps unless train.steps is given on the command line."""
 
@@ -252,17 +253,30 @@ def plan_main(args: argparse.Namespace) -> int:
         from toolkit.model import shape_from_config
 
         shape = shape_from_config(cfg)  # n_params as a run's summary counts it: without position embeddings
-        print(json.dumps({**plan.as_dict(), "ramp_sizes": batches.ramp_sizes,
+        print(json.dumps({**plan.as_dict(), "ramp_sizes": batches.ramp_sizes, "micro_auto": cfg.batch.micro_size == "auto",
                           "n_params": n_params - shape.seq_len * shape.n_embd,
                           "n_params_total": n_params, "precision": "bf16" if bf16 else "fp32",
                           "memory_bytes": [m.as_dict() for m in plans]}, indent=2))
     else:
         print(plan.table())
+        if cfg.batch.micro_size == "auto":
+            print("batch.micro_size=auto: the run measures the largest micro size that fits before it starts (shown "
+                  "here: no accumulation, the largest there is)")
         if batches.ramp_sizes:
             print(batches.describe(plan))
         print(memory.table(plans, n_params, args.world_size, f", {'bf16' if bf16 else 'fp32'}, micro-batch "
                                                               f"{plan.micro_size} x {cfg.data.seq_len} tokens"))
     return 0
+
+
+def _sizes(text: str, flag: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"{flag}={text} must be a comma-separated list of positive numbers, e.g. 16,32,64")
+    return sizes
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -275,14 +289,23 @@ def bench_main(args: argparse.Namespace) -> int:
                               stages=args.stages)
         print(json.dumps(result, indent=2) if args.json else result["report"])
         return 0
+    if args.which == "gpu":
+        from toolkit.bench.gpu import gpu_bench
+
+        cfg = load_config(args.config or BENCH_GPU_CONFIG, args.overrides)
+        result = gpu_bench(cfg, _sizes(args.micro, "--micro"), args.modes.split(","), args.engines.split(","),
+                           args.warmup, args.steps or 20, args.auto_share or None, Path(args.out) if args.out else None,
+                           args.plain)
+        print(json.dumps(result, indent=2) if args.json else result["report"])
+        return 0
     cfg = load_config(args.config or BENCH_PARITY_CONFIG, args.overrides)
     if args.which == "tracking":
         from toolkit.bench.tracking import tracking_overhead
 
-        result = tracking_overhead(cfg, steps=args.steps, repeats=args.repeats)
+        result = tracking_overhead(cfg, steps=args.steps or 30, repeats=args.repeats)
         print(json.dumps(result, indent=2) if args.json else result["report"])
         return 0
-    result = parity(cfg, steps=args.steps, repeats=args.repeats)
+    result = parity(cfg, steps=args.steps or 30, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else result["report"])
     return 0
 
@@ -426,14 +449,25 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. batch.micro_size=4")
 
     b = command("bench", "benchmarks, as ratios against a baseline measured in the same run", bench_main)
-    b.add_argument("which", choices=["parity", "memory", "tracking"],
+    b.add_argument("which", choices=["parity", "memory", "tracking", "gpu"],
                    help="parity: the toolkit's loop against a plain PyTorch loop; memory: measured against predicted "
-                        "memory per device for DDP and ZeRO stages; tracking: W&B and the noise scale on vs off")
+                        "memory per device for DDP and ZeRO stages; tracking: W&B and the noise scale on vs off; gpu: "
+                        "GPT-2 small on one GPU, the toolkit (eager, compiled, ZeRO-2) against plain compiled PyTorch, "
+                        "per micro size, with the chunked loss, host syncs and batch.micro_size=auto")
     b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml for parity and tracking, "
-                                    "configs/bench-memory.yaml for memory)")
+                                    "configs/bench-memory.yaml for memory, configs/bench-gpu.yaml for gpu)")
     b.add_argument("--processes", type=int, default=2, help="memory: processes per run")
     b.add_argument("--stages", default="ddp,0,1,2,3", help="memory: comma-separated modes (ddp or a ZeRO stage)")
-    b.add_argument("--steps", type=int, default=30, help="parity, tracking: optimizer steps per timed run")
+    b.add_argument("--steps", type=int, default=0, help="optimizer steps per timed run (default: 30 for parity and "
+                                                         "tracking, 20 for gpu)")
+    b.add_argument("--micro", default="16,32,64,128", help="gpu: micro sizes (the global batch is the largest)")
+    b.add_argument("--modes", default="eager,compiled", help="gpu: the toolkit's rows, eager and/or compiled")
+    b.add_argument("--engines", default="ddp,zero2", help="gpu: ddp (no DeepSpeed) and/or zero1, zero2, zero3")
+    b.add_argument("--plain", default="compiled", help="gpu: the plain loop compiled (the bar) or eager")
+    b.add_argument("--warmup", type=int, default=5, help="gpu: untimed steps before each row's timed ones")
+    b.add_argument("--auto-share", type=int, default=1440, help="gpu: samples per step for the batch.micro_size=auto "
+                                                                "row (many divisors); 0: no auto row")
+    b.add_argument("--out", help="gpu: a JSON file rewritten after every row (kept if the bench is cut short)")
     b.add_argument("--repeats", type=int, default=3, help="parity, tracking: alternating timed runs of each loop")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the bench's config")

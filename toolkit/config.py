@@ -59,11 +59,22 @@ class BatchConfig:
     optimisation; everything below is a hardware detail derived from it. ``full``: the whole training split
     every step (full-batch gradient descent, through accumulation)."""
 
-    micro_size: int | None = None
+    micro_size: int | str | None = None
     """Samples per process per forward/backward. Unset: global_size / world_size (no accumulation; under a
     ramp the largest size that divides every ramp step). The accumulation steps are global_size /
     (micro_size * world_size) and must be a whole number (``full`` is cut into near-equal micro-batches of at
-    most micro_size when the split's size does not divide)."""
+    most micro_size when the split's size does not divide). ``auto``: the largest size that fits in memory,
+    measured by real steps before training (``toolkit/autobatch.py``), lowered to one that divides each
+    process's share of the global batch; the global batch stays as stated."""
+
+    memory_limit_gib: float | None = None
+    """With micro_size=auto: the memory (GiB) one process's model may use per device: the measured peak above
+    what the process held before the model was built. Unset: the device's memory (on CPU, the memory available
+    when the run starts, shared by the machine's processes)."""
+
+    memory_margin: float = 0.05
+    """With micro_size=auto: the fraction of the memory limit kept free (the allocator's fragmentation, a longer
+    validation batch ...). 0 to 0.9."""
 
     ramp: RampConfig = field(default_factory=RampConfig)
     """A batch-size warmup (see batch.ramp.start)."""
@@ -153,6 +164,11 @@ class ModelConfig:
 
     compile: bool = False
     """Wrap the model in ``torch.compile`` (worth it on GPU, slow to start on CPU)."""
+
+    loss_chunk: int = 4096
+    """Tokens per chunk of the built-in GPT's output layer and cross-entropy: the logits of at most this many
+    tokens exist at a time (``toolkit/loss.py``), instead of the whole micro-batch's, which is what limits the
+    micro-batch of a model with a large vocabulary. 0: in one piece (``F.cross_entropy`` over all logits)."""
 
 
 @dataclass
@@ -449,7 +465,11 @@ def validate(cfg: Config) -> None:
     _require(o.lr_scaling == "none" or (o.reference_batch is not None and o.reference_batch > 0),
              f"optim.lr_scaling={o.lr_scaling} needs optim.reference_batch: the global batch at which optim.lr was tuned")
     micro = cfg.batch.micro_size
-    _require(micro is None or micro > 0, f"batch.micro_size={micro} must be a positive number of samples")
+    _require(micro is None or micro == "auto" or (isinstance(micro, int) and micro > 0),
+             f"batch.micro_size={micro} must be a positive number of samples, or auto (the largest that fits)")
+    limit = cfg.batch.memory_limit_gib
+    _require(limit is None or limit > 0, f"batch.memory_limit_gib={limit} must be a positive number of GiB")
+    _require(0 <= cfg.batch.memory_margin <= 0.9, f"batch.memory_margin={cfg.batch.memory_margin} must be in [0, 0.9]")
     # micro_size against global_size and the world size is checked by the batch plan (toolkit/batch.py).
     _require(cfg.data.seq_len > 1, f"data.seq_len={cfg.data.seq_len} must be at least 2")
     _require(0 < cfg.data.val_fraction <= 0.5, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5]")
@@ -480,6 +500,8 @@ def validate(cfg: Config) -> None:
     _require(m.source == "hf" or (m.hf_config is None and not m.hf_overrides and not m.hf_pretrained),
              "model.hf_config, model.hf_overrides and model.hf_pretrained are only read with model.source=hf")
     _require(0 <= cfg.model.dropout < 1, f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    _require(cfg.model.loss_chunk >= 0, f"model.loss_chunk={cfg.model.loss_chunk} must be a number of tokens >= 0 "
+             f"(0: the loss in one piece)")
     for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
         value = getattr(cfg.model, name)
         _require(value is None or value > 0, f"model.{name}={value} must be positive")

@@ -32,6 +32,24 @@ def wants_cpu(cfg: Config) -> bool:
     return cfg.train.device == "cpu" or not torch.cuda.is_available()
 
 
+def run_device(cfg: Config) -> torch.device:
+    """This process's device, as the Accelerator will choose it: the CPU, or the launcher's LOCAL_RANK's GPU."""
+    if wants_cpu(cfg):
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_process_group(device: torch.device) -> None:
+    """The default process group before the Accelerator exists (``batch.micro_size: auto`` agrees on its answer
+    through it, and the plan, which the DeepSpeed config needs, comes from that answer): the backend the
+    Accelerator would choose. Accelerate and DeepSpeed take over a group that is already there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
+
+
 def mixed_precision(cfg: Config, on_cpu: bool) -> str:
     """bf16 autocast on GPU by default; fp32 on CPU, where bf16 is slow and the tests compare fp32."""
     if cfg.train.precision == "auto":
@@ -75,8 +93,6 @@ def build_accelerator(cfg: Config, plan: BatchPlan, hidden: int) -> Accelerator:
 def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, plan: BatchPlan, hidden: int) -> Accelerator:
     """Accelerate with a DeepSpeed plugin whose config is written from the batch plan (DeepSpeed asserts
     train_batch_size == micro x accumulation x world, so nothing is left as "auto")."""
-    if cfg.model.compile:
-        raise ConfigError("model.compile=true is not supported with deepspeed.stage yet; use model.compile=false")
     if "WORLD_SIZE" not in os.environ:
         # `python train.py deepspeed.stage=N`: DeepSpeed always runs in a process group; give it one of
         # one process, as its own launcher would.
@@ -110,4 +126,6 @@ def build_deepspeed_accelerator(cfg: Config, on_cpu: bool, plan: BatchPlan, hidd
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
         gradient_accumulation_steps=plan.accumulation,
+        # Accelerate compiles the engine's module in place (DeepSpeedEngine.compile) after deepspeed.initialize.
+        dynamo_backend="inductor" if cfg.model.compile else "no",
     )

@@ -18,8 +18,9 @@ stage 2-3 the fp32 gradient shard) into host memory; parameter offload (stage 3)
 
 Activations of the built-in GPT, per token of the micro-batch, saved for the backward pass: per layer
 the two LayerNorm inputs and outputs (4h), q, k and v (3h), the attention output (h) and the MLP's
-hidden layer before and after GELU (8h), 16h in all; then the final LayerNorm (2h), the logits and
-their log-softmax (2V). A rough count: the allocator, temporaries of the backward pass and the
+hidden layer before and after GELU (8h), 16h in all; then the final LayerNorm (2h), and the logits and
+their log-softmax (2V), or with the chunked loss (``model.loss_chunk``) one chunk's logits and the loss's
+gradients held for the backward pass (see ``activation_bytes``). A rough count: the allocator, temporaries of the backward pass and the
 framework's own workspace come on top.
 
 Measured: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``); on CPU the process's peak
@@ -81,9 +82,16 @@ def mode_name(stage: int | None, offload_optimizer: bool = False, offload_params
 
 
 def activation_bytes(micro_size: int, seq_len: int, n_layer: int, n_embd: int, vocab_size: int,
-                     bytes_per_value: int) -> float:
-    per_token = n_layer * 16 * n_embd + 2 * n_embd + 2 * vocab_size
-    return float(micro_size * seq_len * per_token * bytes_per_value)
+                     bytes_per_value: int, loss_chunk: int = 0) -> float:
+    """With ``loss_chunk`` (``toolkit/loss.py``) the logits of only one chunk of tokens exist at a time (fp32, and
+    their gradient in their place); the loss holds the gradients of the hidden states (one more h per token) and
+    of the output weight (vocabulary x width, fp32) from the forward to the backward pass."""
+    tokens = micro_size * seq_len
+    if loss_chunk <= 0:
+        per_token = n_layer * 16 * n_embd + 2 * n_embd + 2 * vocab_size
+        return float(tokens * per_token * bytes_per_value)
+    per_token = n_layer * 16 * n_embd + 3 * n_embd
+    return float(tokens * per_token * bytes_per_value + 4 * (min(tokens, loss_chunk) + n_embd) * vocab_size)
 
 
 def predict(n_params: int, world_size: int, stage: int | None, *, bf16: bool, activations: float = 0.0,
@@ -144,7 +152,7 @@ def predict_for_config(cfg, n_params: int, world_size: int, bf16: bool, stage: i
     shape = shape_from_config(cfg)
     plan = plan or plan_for_config(cfg, world_size)
     act = activation_bytes(plan.micro_size, cfg.data.seq_len, shape.n_layer, shape.n_embd, shape.vocab_size,
-                           2 if bf16 else 4)
+                           2 if bf16 else 4, cfg.model.loss_chunk)
     return predict(n_params, world_size, stage, bf16=bf16, activations=act, offload_optimizer=offload_optimizer,
                    offload_params=offload_params)
 
@@ -211,7 +219,7 @@ class PeakMeter:
         self._count_states = False
         self._measuring = False
 
-    def _reset(self) -> None:
+    def reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -221,7 +229,7 @@ class PeakMeter:
             except OSError:
                 pass  # then the peak includes start-up; still an upper bound
 
-    def _peak_now(self) -> int:
+    def peak_now(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return _peak_resident_bytes()
@@ -232,18 +240,18 @@ class PeakMeter:
         self._measuring = measure
         if not measure:
             return
-        self.overall_peak = max(self.overall_peak, self._peak_now() - self.baseline)
-        self._reset()
+        self.overall_peak = max(self.overall_peak, self.peak_now() - self.baseline)
+        self.reset_peak()
         self._count_states = count_states
 
     def update_begins(self) -> None:
         """After the step's last backward, before the optimizer update."""
         if self._count_states and self._measuring:
-            self.states_peak = max(self.states_peak, self._peak_now() - self.baseline)
+            self.states_peak = max(self.states_peak, self.peak_now() - self.baseline)
 
     def peak_so_far(self) -> int:
         """The highest memory in use at any time since training began (absolute, not above the baseline)."""
-        return max(self.overall_peak + self.baseline, self._peak_now(), self.earlier_process_peak)
+        return max(self.overall_peak + self.baseline, self.peak_now(), self.earlier_process_peak)
 
     def snapshot(self) -> list[int]:
         """[peak up to the update, peak with the update (both above the baseline), whole-process peak], bytes:
@@ -259,7 +267,7 @@ class PeakMeter:
 
     def peaks(self) -> tuple[int, int]:
         """(states_peak, overall peak) in bytes above the baseline."""
-        self.overall_peak = max(self.overall_peak, self._peak_now() - self.baseline)
+        self.overall_peak = max(self.overall_peak, self.peak_now() - self.baseline)
         return self.states_peak, self.overall_peak
 
     @staticmethod

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from toolkit.config import Config, ConfigError
 from toolkit.data import IGNORE
+from toolkit.loss import chunked_cross_entropy
 
 PRESETS = {
     # name: (n_layer, n_head, n_embd)
@@ -39,6 +40,7 @@ class GPTShape:
     vocab_size: int
     seq_len: int
     dropout: float = 0.0
+    loss_chunk: int = 0
 
 
 def shape_from_config(cfg: Config) -> GPTShape:
@@ -51,7 +53,7 @@ def shape_from_config(cfg: Config) -> GPTShape:
     vocab = cfg.model.vocab_size or (256 if cfg.data.source == "stdlib" else 50304)
     if cfg.data.source == "stdlib" and vocab < 256:
         raise ConfigError(f"model.vocab_size={vocab} is too small for data.source=stdlib (bytes need 256)")
-    return GPTShape(n_layer, n_head, n_embd, vocab, cfg.data.seq_len, cfg.model.dropout)
+    return GPTShape(n_layer, n_head, n_embd, vocab, cfg.data.seq_len, cfg.model.dropout, cfg.model.loss_chunk)
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,6 +86,19 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+class LMHead(nn.Linear):
+    """The output layer and the loss: called with the hidden states and the targets, it returns the summed
+    cross-entropy, ``chunk`` tokens at a time (``toolkit/loss.py``: the whole micro-batch's logits never exist).
+    A module of its own, so that ZeRO-3 gathers its (tied) weight around the call as around any layer's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, chunk: int):
+        super().__init__(in_features, out_features, bias=bias)
+        self.chunk = chunk
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1), self.chunk)
+
+
 class GPT(nn.Module):
     def __init__(self, s: GPTShape):
         super().__init__()
@@ -93,7 +108,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(s.dropout)
         self.blocks = nn.ModuleList(Block(s) for _ in range(s.n_layer))
         self.ln_f = nn.LayerNorm(s.n_embd)
-        self.lm_head = nn.Linear(s.n_embd, s.vocab_size, bias=False)
+        self.lm_head = LMHead(s.n_embd, s.vocab_size, bias=False, chunk=s.loss_chunk)
         self.lm_head.weight = self.tok_emb.weight  # tied embeddings
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat.
@@ -119,10 +134,7 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        loss_sum = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE, reduction="sum"
-        )
+        loss_sum = self.lm_head(self.ln_f(x), targets)
         return loss_sum, (targets != IGNORE).sum()
 
     def training_flops_per_token(self) -> int:

@@ -47,7 +47,7 @@ class Trainer:
         collate function. Without them, the built-in GPT and corpora (or ``model.source: hf``).
         ``fresh_run_dir``: empty run.dir first (a debug run's own directory: it never continues)."""
         self.cfg, self.collate = cfg, collate
-        self.parts = RunParts(cfg, model, train_data, val_data)  # model, data, plan, engine
+        self.parts = RunParts(cfg, model, train_data, val_data, collate)  # model, data, plan, engine
         p = self.parts
         self.accelerator, self.ranks, self.plan, self.batches = p.accelerator, p.ranks, p.plan, p.batches
         self.rank, self.world_size = p.ranks.rank, p.ranks.world_size

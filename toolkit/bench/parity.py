@@ -81,13 +81,15 @@ def toolkit_run(cfg: Config, steps: int, run_dir: Path) -> tuple[float, float, d
 
 
 def plain_run(
-    cfg: Config, steps: int, data: Samples, plan: BatchPlan, device: torch.device
+    cfg: Config, steps: int, data: Samples, plan: BatchPlan, device: torch.device, timed_from: int = 0
 ) -> tuple[float, float, dict[str, torch.Tensor], list[float]]:
-    """The same training written in plain PyTorch: wall and CPU seconds, final weights, logged losses."""
+    """The same training written in plain PyTorch: wall and CPU seconds (of the steps from ``timed_from`` on: the
+    ones before warm up compilation and the allocator), final weights, logged losses."""
     o = cfg.optim
     model = build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    optimizer = torch.optim.AdamW(  # fused on CUDA, as nanoGPT's (and the toolkit's)
+        optimizer_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        fused=True if device.type == "cuda" else None,
     )
     if cfg.model.compile:
         model = torch.compile(model)
@@ -101,6 +103,9 @@ def plain_run(
     _sync(device)
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(steps):
+        if step == timed_from and step > 0:
+            _sync(device)
+            started, cpu_started = time.perf_counter(), time.process_time()
         global_batch = sampler.global_batch(step)
         valid_targets = data.valid_targets(global_batch)
         lr = lr_at((step + 1) * plan.global_size, peak, minimum, o.warmup_samples, decay_samples)
@@ -149,6 +154,8 @@ def parity(cfg: Config, steps: int = 30, repeats: int = 3) -> dict:
     if cfg.batch.global_size == "full" or cfg.batch.ramp.start is not None:
         raise ConfigError("bench parity times fixed-size global batches: set batch.global_size to a number of samples "
                           "and leave batch.ramp unset")
+    if cfg.batch.micro_size == "auto":
+        raise ConfigError("the bench times a fixed micro-batch: set batch.micro_size to a number, not auto")
     plan = make_plan(cfg.batch.global_size, cfg.batch.micro_size, 1, cfg.data.seq_len)
     shape = shape_from_config(cfg)
     data, _ = load_data(cfg, shape.vocab_size)

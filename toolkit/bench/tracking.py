@@ -29,6 +29,8 @@ def tracking_overhead(cfg: Config, steps: int = 30, repeats: int = 3) -> dict:
     variants = {"on": copy.deepcopy(base), "off": copy.deepcopy(base)}
     variants["on"].tracking.wandb, variants["on"].tracking.noise_scale = True, True
     variants["off"].tracking.wandb, variants["off"].tracking.noise_scale = False, False
+    if base.batch.micro_size == "auto":
+        raise ConfigError("the bench times a fixed micro-batch: set batch.micro_size to a number, not auto")
     plan = make_plan(base.batch.global_size, base.batch.micro_size, 1, base.data.seq_len)
     tokens = steps * plan.tokens_per_step
     speed: dict[str, list[float]] = {"on": [], "off": []}
