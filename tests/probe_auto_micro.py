@@ -24,7 +24,9 @@ def sweep(cfg, sizes: list[int]) -> dict[int, int]:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(torch.ones(1))
     baseline = settled_baseline(cpu)
-    probe = StepProbe(build_model(cfg), batch_maker(train_data, None), cpu, False, baseline)
+    model = build_model(cfg)
+    ddp_buckets = 4 * sum(p.numel() for p in model.parameters()) if torch.distributed.is_initialized() else 0
+    probe = StepProbe(model, batch_maker(train_data, None), cpu, False, baseline, extra_bytes=ddp_buckets)
     return {size: probe.peak(size) for size in sizes}
 
 

@@ -16,7 +16,8 @@ from toolkit.memory import PeakMeter
 
 SCRIPT = str(ROOT / "tests" / "probe_auto_micro.py")
 # A tiny GPT on 256-token samples: each sample adds ~9 MB to a step's peak, far above the CPU's noise (~0.1 MB).
-JOB = ["model.size=tiny", "data.seq_len=256", "batch.global_size=48", "batch.memory_margin=0", "train.steps=3",
+# Dropout: the probe's steps draw random numbers, which the run must not miss.
+JOB = ["model.size=tiny", "model.dropout=0.1", "data.seq_len=256", "batch.global_size=48", "batch.memory_margin=0", "train.steps=3",
        "train.val_every=0", "train.val_batches=1", "train.log_every=1", "train.progress=false", "train.precision=fp32"]
 SHARE = 24  # samples per rank per step: global 48 over 2 processes
 SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24]
@@ -39,43 +40,51 @@ def test_search_doubles_then_bisects_between_the_last_fit_and_the_first_failure(
     assert search(fits_up_to(100), cap, usable) == (24, None) and tried == [1, 2, 4, 8, 16, 24]  # capped at the share
     assert search(fits_up_to(0), cap, usable) == (0, 1)
     # A ramp's shares: the size must divide each of them; a ragged full batch takes any size up to its share.
-    assert candidates([24, 8, 4]) == (24, [1, 2, 4])
+    assert candidates([24, 8, 4]) == (4, [1, 2, 4])  # (so nothing above 4 is probed)
     assert candidates([7], ragged=True) == (7, [1, 2, 3, 4, 5, 6, 7])
 
 
 class Normed(torch.nn.Module):
-    """A model with a buffer that training changes (BatchNorm's statistics) and dropout (it draws random numbers)."""
+    """A model with a buffer that training changes (a running mean), dropout (it draws random numbers), and an
+    out-of-memory error half-way through its forward pass above ``fail_above`` samples."""
 
-    def __init__(self, fail_above: int | None = None, batchnorm: bool = False):
+    def __init__(self, fail_above: int | None = None):
         super().__init__()
-        norm = torch.nn.BatchNorm1d(32) if batchnorm else torch.nn.LayerNorm(32)  # (BatchNorm needs 2 samples)
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), norm, torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.Dropout(0.5),
+                                       torch.nn.Linear(32, 1))
+        self.register_buffer("running_mean", torch.zeros(32))
         self.fail_above = fail_above
 
     def forward(self, batch):
         x, y = batch
+        hidden = self.net[1](self.net[0](x))  # (part of the graph exists when the error comes)
         if self.fail_above is not None and len(x) > self.fail_above:
             raise torch.OutOfMemoryError("the device has no room for this micro-batch")
-        return ((self.net(x).squeeze(1) - y) ** 2).sum(), len(y)
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(hidden.mean(0), alpha=0.1)
+        return ((self.net[3](self.net[2](hidden)).squeeze(1) - y) ** 2).sum(), len(y)
 
 
-def test_a_probe_leaves_weights_buffers_gradients_and_random_numbers_as_they_were():
+def test_a_probe_leaves_weights_buffers_gradients_and_random_numbers_as_they_were(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64))
-    model = Normed(fail_above=16, batchnorm=True)
+    model = Normed(fail_above=12)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
+    cfg = load_config(overrides=["batch.micro_size=auto", "batch.memory_margin=0"])
     cpu = torch.device("cpu")
-    probe = StepProbe(model, batch_maker(data, None), cpu, False, PeakMeter.baseline_now(cpu))
-    with torch.random.fork_rng(devices=[]):
-        assert probe.peak(8) < OUT_OF_MEMORY
-        assert probe.peak(32) == OUT_OF_MEMORY  # caught, and reported as not fitting
-    probe.close()
+    found = choose_micro_size(cfg, model, data, None, cpu, False, PeakMeter.baseline_now(cpu), [32], Ranks(0, 1), {})
+    assert (found.largest_fit, found.first_fail) == (8, 16)  # 16 ran out of memory, caught, and counted as not fitting
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a probe step changed the model"
-    assert model.net[1].num_batches_tracked.item() == 0
     assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.get_rng_state(), rng), "the probe's dropout drew from the run's random numbers"
+    probe = StepProbe(model, batch_maker(data, None), cpu, False, PeakMeter.baseline_now(cpu))
+    assert probe.peak(4) < OUT_OF_MEMORY and probe.peak(32) == OUT_OF_MEMORY
+    probe.close()
+    assert not torch.equal(torch.get_rng_state(), rng)  # (the probe does draw: the fork above is what protects)
 
 
 def test_the_answer_is_cached_per_setup(tmp_path, monkeypatch):
@@ -136,5 +145,8 @@ def test_two_ranks_with_different_limits_agree_on_the_smaller_size_and_train_as_
     train([*JOB, f"run.dir={fixed_dir}", f"batch.micro_size={expected}"], processes=2, script=SCRIPT, env=env)
     a, b = final_weights(auto_dir), final_weights(fixed_dir)
     assert all(torch.equal(a[k], b[k]) for k in a), "the probe left a trace in the training"
+    # The run's own measured peak is the training's, not the probe's last (failed) size's.
+    peak = summary["memory"]["measured_with_update_gib"]
+    assert peak < peaks[8], (peak, peaks)
     report(request, f"sweep (MiB): {', '.join(f'{s}: {p * 1024:.1f}' for s, p in peaks.items())}; limits (MiB) "
                     f"{limits[0] * 1024:.1f} / {limits[1] * 1024:.1f}\n{line}\nfinal weights equal a micro-{expected} run")

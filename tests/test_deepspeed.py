@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ZERO_JOB, final_weights, read_jsonl, train
+from conftest import ROOT, ZERO_JOB, final_weights, read_jsonl, train, train_together
 from test_resume_kill import start_and_kill, valid_checkpoints
 
 from toolkit.bench.common import max_rel_diff
@@ -159,3 +159,16 @@ def test_zero2_checkpoint_of_two_processes_resumes_on_one(zero2_reference, tmp_p
     rel, where = max_rel_diff(final_weights(tmp_path / "one"), final_weights(zero2_reference))
     print(f"\nZeRO-2 2 -> 1 process at step {resume_at}: max relative difference to the 2-process run {rel:.2e} ({where})")
     assert rel <= TOL, f"{where}: {rel:.2e}"
+
+
+def test_model_compile_trains_the_same_with_and_without_deepspeed(runs, tmp_path):
+    """``model.compile=true`` (inductor) without DeepSpeed and under ZeRO-2 (Accelerate compiles the engine's module),
+    one process each (accumulation 4 instead of 2 x 2): the same weights as eager DDP on 2 processes."""
+    ddp = final_weights(runs["ddp"][0])
+    jobs = {"compiled": [], "compiled-zero2": ["deepspeed.stage=2"]}
+    results = train_together([[*COMMON, *extra, "model.compile=true", f"run.dir={tmp_path / name}"]
+                              for name, extra in jobs.items()], timeout=400)
+    for (name, extra), result in zip(jobs.items(), results, strict=True):
+        assert "compiled (torch.compile)" in result.stdout and ("ZeRO-2" in result.stdout) == bool(extra)
+        diff, where = max_rel_diff(final_weights(tmp_path / name), ddp)
+        assert diff <= TOL, f"{name}: {where} differs by {diff:.2e}"

@@ -76,3 +76,19 @@ def test_the_chunked_loss_peaks_far_lower(request):
         peaks[chunk] = (meter.peak_now() - start) / 2**20
     assert peaks[512] < peaks[0] / 3, peaks
     report(request, f"peak above the start, MiB: plain {peaks[0]:.1f}, chunks of 512 tokens {peaks[512]:.1f}")
+
+
+def test_under_bf16_autocast_and_without_gradients_it_is_still_the_plain_loss():
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(500, 32), torch.randn(300, 32) * 0.05
+    targets = torch.randint(0, 300, (500,))
+    targets[::3] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # matrix multiplies in bf16, the softmax in fp32
+        plain = loss_and_grads(hidden, weight, targets, 0)
+        chunked = loss_and_grads(hidden, weight, targets, 64)
+    assert abs(float(chunked[0] / plain[0]) - 1) <= 1e-5
+    assert chunked[1].dtype == chunked[2].dtype == torch.float32
+    assert rel(chunked[1], plain[1]) <= 1e-2 and rel(chunked[2], plain[2]) <= 1e-2  # (bf16 products, summed apart)
+    fp32 = loss_and_grads(hidden, weight, targets, 0)[0]
+    with torch.no_grad():  # validation: the loss only, chunk by chunk, no gradient buffers
+        assert abs(float(chunked_cross_entropy(hidden, weight, targets, 64) / fp32) - 1) <= 1e-6

@@ -107,8 +107,9 @@ class StepProbe:
     """Real training steps of ``model`` at a given micro size, measured, without changing the model."""
 
     def __init__(self, model: torch.nn.Module, batch_of, device: torch.device, bf16: bool, baseline: int,
-                 weight_decay: float = 0.1):
+                 weight_decay: float = 0.1, extra_bytes: int = 0):
         self.model, self.batch_of, self.device, self.bf16 = model, batch_of, device, bf16
+        self.extra_bytes = extra_bytes  # held through each step: what the run adds that the plain model does not
         self.meter = PeakMeter(device, baseline)
         # lr=0: AdamW's update and its weight decay are both multiplied by the learning rate, so no weight
         # changes; its states are made as in training, and the temporaries of its step are measured.
@@ -122,14 +123,22 @@ class StepProbe:
         self.meter.reset_peak()
         out_of_memory = False
         try:
+            # (filled: on a CPU an untouched allocation takes no memory)
+            extra = torch.zeros(self.extra_bytes, dtype=torch.uint8, device=self.device).fill_(1) if self.extra_bytes else None
             batch = to_device(self.batch_of(size), self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss_sum, _ = check_contract(self.model(batch))
             loss_sum.backward()
             del batch, loss_sum
+            for p in self.model.parameters():  # (lr 0 times a non-finite gradient would still be non-finite)
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0, 0.0, 0.0)
             self.optimizer.step()
             peak = self.meter.peak_now() - self.meter.baseline
-        except torch.OutOfMemoryError:
+            del extra
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
             out_of_memory = True  # (handled outside the except block, whose traceback holds the step's tensors)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -162,6 +171,12 @@ def settled_baseline(device: torch.device) -> int:
     return PeakMeter.baseline_now(device)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: PyTorch's OutOfMemoryError, or a library's (cuBLAS, cuDNN) raised as RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
 def _malloc_trim() -> None:
     """Give freed heap memory back to the system (glibc keeps it otherwise, and the resident set with it)."""
     try:
@@ -174,11 +189,10 @@ def _malloc_trim() -> None:
 def candidates(shares: list[int], ragged: bool = False) -> tuple[int, list[int]]:
     """(the largest micro size worth probing, the sizes the plan can use): the divisors of every share (any size
     up to the share for a ``ragged`` full-batch step, whose micro-batches need not be equal)."""
-    cap = max(shares)
     if ragged:
-        return cap, list(range(1, cap + 1))
+        return max(shares), list(range(1, max(shares) + 1))
     common = math.gcd(*shares)
-    return cap, [d for d in range(1, common + 1) if common % d == 0]
+    return common, [d for d in range(1, common + 1) if common % d == 0]
 
 
 def search(fits, cap: int, usable: list[int]) -> tuple[int, int | None]:
@@ -226,13 +240,15 @@ def memory_limit(cfg: Config, device: torch.device, baseline: int) -> int:
 
 
 def choose_micro_size(cfg: Config, model: torch.nn.Module, dataset, collate, device: torch.device, bf16: bool,
-                      baseline: int, shares: list[int], ranks: Ranks, setup: dict, ragged: bool = False) -> AutoMicro:
+                      baseline: int, shares: list[int], ranks: Ranks, setup: dict, ragged: bool = False,
+                      extra_bytes: int = 0) -> AutoMicro:
     """The micro size for ``batch.micro_size: auto``; ``shares``: this rank's samples per step (of the full step
-    and of every ramp step), which the micro size must divide; ``setup``: what else the answer depends on (the
-    cache key). Every rank calls it; they agree through ``ranks``."""
+    and of every ramp step), which the micro size must divide (``ragged``: only be at most); ``setup``: what else
+    the answer depends on (the cache key); ``extra_bytes``: memory the run holds that the plain model does not
+    (DDP's gradient buckets). Every rank calls it; they agree through ``ranks``."""
     cap, usable = candidates(shares, ragged)
     limit = memory_limit(cfg, device, baseline)
-    key = cache_key(model, cfg, device, bf16, ranks.world_size, limit, shares, setup)
+    key = cache_key(model, cfg, device, bf16, ranks.world_size, shares, {**setup, "extra_bytes": extra_bytes})
     cached = read_cache(key)
     # Every rank takes the cached answer, or none does: a rank on another machine may not have it.
     if ranks.all_ok(cached is not None) and _agreed(ranks, cached.micro_size):
@@ -240,7 +256,8 @@ def choose_micro_size(cfg: Config, model: torch.nn.Module, dataset, collate, dev
         return cached
 
     started, allocated = time.perf_counter(), PeakMeter.baseline_now(device)
-    probe = StepProbe(model, batch_maker(dataset, collate), device, bf16, baseline, cfg.optim.weight_decay)
+    probe = StepProbe(model, batch_maker(dataset, collate), device, bf16, baseline, cfg.optim.weight_decay,
+                      extra_bytes)
     peaks: dict[int, float | None] = {}
     smallest_limit = -ranks.largest(-limit)
 
@@ -256,10 +273,13 @@ def choose_micro_size(cfg: Config, model: torch.nn.Module, dataset, collate, dev
         largest_fit, first_fail = search(fits, cap, usable)
     probe.close()
     if largest_fit == 0:
-        raise ConfigError(f"batch.micro_size=auto: not even one sample per micro-batch fits in batch.memory_limit_gib"
-                          f"={smallest_limit / GIB / (1 - cfg.batch.memory_margin):.3g} less batch.memory_margin="
-                          f"{cfg.batch.memory_margin} (measured {peaks.get(1) or 'out of memory'} GiB); raise the "
-                          f"limit, use DeepSpeed (deepspeed.stage) or a smaller model")
+        what = "out of memory" if peaks.get(1) is None else f"{peaks[1]:.3g} GiB"
+        advice = ("the probe holds the whole model's AdamW states on one device, which ZeRO does not: set "
+                  "batch.micro_size to a number" if cfg.deepspeed.stage is not None else
+                  "raise the limit, shard the model states with DeepSpeed (deepspeed.stage) or use a smaller model")
+        raise ConfigError(f"batch.micro_size=auto: not even one sample per micro-batch fits in "
+                          f"{smallest_limit / GIB:.3g} GiB (batch.memory_limit_gib or the device's memory, less "
+                          f"batch.memory_margin={cfg.batch.memory_margin}); one sample measured {what}; {advice}")
     micro = max(s for s in usable if s <= largest_fit)
     left = (PeakMeter.baseline_now(device) - allocated) / GIB if device.type == "cuda" else None
     found = AutoMicro(micro, largest_fit, first_fail, smallest_limit / GIB, peaks, False, time.perf_counter() - started,
@@ -289,13 +309,21 @@ def cache_file() -> Path:
     return Path(root) / "micro_size.json"
 
 
-def cache_key(model: torch.nn.Module, cfg: Config, device: torch.device, bf16: bool, world_size: int, limit: int,
+def cache_key(model: torch.nn.Module, cfg: Config, device: torch.device, bf16: bool, world_size: int,
               shares: list[int], setup: dict) -> str:
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """The setup an answer holds for. The limit as set (batch.memory_limit_gib, or the device's total memory; not
+    the memory available at the moment, which moves)."""
+    if device.type == "cuda":
+        device_name, total = torch.cuda.get_device_name(device), torch.cuda.mem_get_info(device)[1]
+    else:
+        import psutil
+
+        device_name, total = "cpu", psutil.virtual_memory().total // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    limit = cfg.batch.memory_limit_gib * GIB if cfg.batch.memory_limit_gib is not None else total
     layout = hashlib.sha256(repr([(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]).encode()
                             + repr(model).encode()).hexdigest()[:16]
     return json.dumps({"model": f"{type(model).__name__}:{layout}", "seq_len": cfg.data.seq_len, "device": device_name,
-                       "precision": "bf16" if bf16 else "fp32", "world_size": world_size, "limit_mib": limit // 2**20,
+                       "precision": "bf16" if bf16 else "fp32", "world_size": world_size, "limit_mib": int(limit // 2**20),
                        "shares": shares, **setup}, sort_keys=True)
 
 

@@ -16,12 +16,12 @@ import torch
 
 from toolkit import zero
 from toolkit.autobatch import AUTO, choose_micro_size, settled_baseline
-from toolkit.batch import BatchPlan, BatchSchedule, peak_lrs, schedule_for_config
+from toolkit.batch import FULL, BatchPlan, BatchSchedule, peak_lrs, schedule_for_config
 from toolkit.checkpointer import Checkpointer
 from toolkit.collective import Ranks
 from toolkit.config import Config, ConfigError
 from toolkit.data import GlobalBatchSampler, load_data
-from toolkit.engine import build_accelerator, init_process_group, mixed_precision, run_device
+from toolkit.engine import build_accelerator, debug_settings, init_process_group, mixed_precision, run_device
 from toolkit.loader import make_loader
 from toolkit.memory import (
     PeakMeter,
@@ -69,6 +69,7 @@ class RunParts:
         # memory baseline below holds them and the measured peak counts the model's own memory only.
         torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
         self.auto_micro = None
+        self.deepspeed_wanted = zero.enabled(cfg)
         if cfg.batch.micro_size == AUTO:  # the model first, measured at growing micro sizes; then the plan
             baseline = self._choose_micro_size(model, collate, world)
         elif self.shape is None:  # the user's model (or an HF one): DeepSpeed's buckets are sized from it
@@ -84,6 +85,7 @@ class RunParts:
                 self.model = build_model(cfg)
         else:
             self.memory = PeakMeter(acc.device, baseline)
+            self.memory.reset_peak()  # the probe's last (perhaps failed) size is not the run's peak
         if acc.num_processes != self.plan.world_size:
             raise ConfigError(f"the launcher started {acc.num_processes} processes but WORLD_SIZE says {world}")
         self.ranks = Ranks(acc.process_index, acc.num_processes)
@@ -122,6 +124,7 @@ class RunParts:
         (``toolkit/autobatch.py``; the ranks agree through a process group made here, before the Accelerator,
         which needs the plan), and plan with the size found. Returns the memory baseline (before the model)."""
         cfg = self.cfg
+        debug_settings(cfg)  # (refused under a launcher, and deterministic cuBLAS needs it before the first call)
         device = run_device(cfg)
         init_process_group(device)
         ranks = Ranks(int(os.environ.get("RANK", "0")), world)
@@ -130,15 +133,20 @@ class RunParts:
         self.model = (build_model(cfg) if self.shape is not None else self._model(model)).to(device)
         # The micro size must divide this process's share of the full step and of every ramp step (or, for a
         # full batch that does not divide, only be at most its share).
-        shares = [self.plan.global_size // world]
+        shares = [-(-self.plan.global_size // world)]
         if cfg.batch.ramp.start is not None:
             shares += [cfg.batch.ramp.start // world, cfg.batch.ramp.increment // world]
+        # A full batch without DeepSpeed takes any micro size: its micro-batches need not be equal (make_full_plan).
+        ragged = cfg.batch.global_size == FULL and not self.deepspeed_wanted
         ds = cfg.deepspeed
         setup = {"zero_stage": ds.stage, "offload": [ds.offload_optimizer, ds.offload_params], "compile": cfg.model.compile,
-                 "loss_chunk": cfg.model.loss_chunk, "margin": cfg.batch.memory_margin, "ragged": self.plan.ragged}
+                 "loss_chunk": cfg.model.loss_chunk, "margin": cfg.batch.memory_margin, "ragged": ragged}
+        # Without DeepSpeed, DDP keeps a flat copy of the gradients for its all-reduce (from 2 processes on).
+        ddp_buckets = 4 * sum(p.numel() for p in self.model.parameters() if p.requires_grad) \
+            if world > 1 and not self.deepspeed_wanted else 0
         self.auto_micro = choose_micro_size(cfg, self.model, self.train_data, collate, device,
                                             mixed_precision(cfg, device.type == "cpu") == "bf16", baseline, shares,
-                                            ranks, setup, ragged=self.plan.ragged)
+                                            ranks, setup, ragged=ragged, extra_bytes=ddp_buckets)
         self.plan, self.batches = schedule_for_config(cfg, world, len(self.train_data), self.auto_micro.micro_size)
         return baseline
 
@@ -226,10 +234,31 @@ class RunParts:
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over ``optimizer_groups``; on CUDA its fused kernel (one launch for all parameters, and no host sync:
-    its step count stays on the device), on CPU PyTorch's default (the fused CPU kernel rounds differently)."""
+    its step count stays on the device), on CPU PyTorch's default (the fused CPU kernel rounds differently).
+    A GPU run whose ZeRO optimizer states are offloaded steps them on the CPU: there DeepSpeed's CPU Adam (SIMD,
+    multi-threaded; built the first time it is used) where it can be built, else PyTorch's AdamW."""
     o = cfg.optim
-    return torch.optim.AdamW(optimizer_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    groups = optimizer_groups(model, o.weight_decay)
+    if device.type == "cuda" and zero.enabled(cfg) and cfg.deepspeed.offload_optimizer:
+        cpu_adam = deepspeed_cpu_adam(groups, cfg)
+        if cpu_adam is not None:
+            return cpu_adam
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=True if device.type == "cuda" else None)
+
+
+def deepspeed_cpu_adam(groups: list[dict], cfg: Config):
+    """DeepSpeed's CPU Adam in AdamW mode, or None (said in one line) when its extension cannot be built here."""
+    o = cfg.optim
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                                adamw_mode=True)
+    except Exception as exc:  # (a missing compiler, an unsupported CPU: the op builder raises several types)
+        print(f"warning: DeepSpeed's CPU Adam is not available ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+              f"the offloaded optimizer steps with PyTorch's AdamW", flush=True)
+        return None
 
 
 def hidden_size(model: torch.nn.Module) -> int:
@@ -260,7 +289,8 @@ def describe(parts: RunParts, run_dir: Path) -> str:
     return (f"run directory: {run_dir}\n{plan.table()}\n{auto_line}{ramp_line}{lr_line}"
             f"model: {parts.n_params_total:,} parameters ({parts.n_params:,} without position embeddings: the N "
             f"of 6N FLOPs per token), {model}\n"
-            f"device: {acc.device} ({acc.distributed_type}), precision: {precision}\n"
+            f"device: {acc.device} ({acc.distributed_type}), precision: {precision}"
+            f"{', compiled (torch.compile)' if cfg.model.compile else ''}\n"
             f"memory predicted per device ({parts.memory_plan.mode}): {parts.memory_plan.summary()}")
 
 

@@ -154,6 +154,11 @@ class Checkpointer:
         if self.zero_shards:
             zero.load_full_optimizer_state(self.ordered_params, self.model.optimizer, optimizer_state)
         else:
+            # The checkpoint's groups carry the kernel flags of the run that wrote it (a CPU run's unfused AdamW);
+            # this run keeps its own, and torch places the step counts by them (on the GPU for the fused kernel).
+            own = getattr(self.optimizer, "optimizer", self.optimizer).param_groups
+            for saved, group in zip(optimizer_state["param_groups"], own, strict=True):
+                saved.update({key: group[key] for key in ("fused", "foreach", "capturable") if key in group})
             self.optimizer.load_state_dict(optimizer_state)
         if rng is not None:
             checkpoint.set_rng_state(rng)

@@ -462,7 +462,8 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
                                                          "tracking, 20 for gpu)")
     b.add_argument("--micro", default="16,32,64,128", help="gpu: micro sizes (the global batch is the largest)")
     b.add_argument("--modes", default="eager,compiled", help="gpu: the toolkit's rows, eager and/or compiled")
-    b.add_argument("--engines", default="ddp,zero2", help="gpu: ddp (no DeepSpeed) and/or zero1, zero2, zero3")
+    b.add_argument("--engines", default="ddp,zero2", help="gpu: ddp (no DeepSpeed) and/or zero1, zero2, zero3, "
+                                                                  "zeroN-offload")
     b.add_argument("--plain", default="compiled", help="gpu: the plain loop compiled (the bar) or eager")
     b.add_argument("--warmup", type=int, default=5, help="gpu: untimed steps before each row's timed ones")
     b.add_argument("--auto-share", type=int, default=1440, help="gpu: samples per step for the batch.micro_size=auto "

@@ -14,6 +14,7 @@ left to guess, DeepSpeed warns "Setting accelerator to CPU" in every CPU run, pl
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -32,6 +33,16 @@ def wants_cpu(cfg: Config) -> bool:
     return cfg.train.device == "cpu" or not torch.cuda.is_available()
 
 
+def debug_settings(cfg: Config) -> None:
+    """``--debug``: one process, deterministic algorithms. Before the first CUDA call (cuBLAS reads its workspace
+    setting once), so before anything runs on the device."""
+    if cfg.train.debug:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--debug runs one process; start it with `python train.py --debug`, not a launcher")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
 def run_device(cfg: Config) -> torch.device:
     """This process's device, as the Accelerator will choose it: the CPU, or the launcher's LOCAL_RANK's GPU."""
     if wants_cpu(cfg):
@@ -47,7 +58,8 @@ def init_process_group(device: torch.device) -> None:
     Accelerator would choose. Accelerate and DeepSpeed take over a group that is already there."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                             device_id=device if device.type == "cuda" else None)
+                                             device_id=device if device.type == "cuda" else None,
+                                             timeout=datetime.timedelta(minutes=30))  # (Accelerate's and DeepSpeed's)
 
 
 def mixed_precision(cfg: Config, on_cpu: bool) -> str:
@@ -67,12 +79,7 @@ def build_accelerator(cfg: Config, plan: BatchPlan, hidden: int) -> Accelerator:
     """The Accelerator for this run's ``plan`` (made once, from the launcher's world size); ``hidden``: the model's
     width, which DeepSpeed's communication buckets are sized by."""
     on_cpu = wants_cpu(cfg)
-    if cfg.train.debug:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("--debug runs one process; start it with `python train.py --debug`, not a launcher")
-        # cuBLAS needs this workspace setting before the first CUDA call to be deterministic.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    debug_settings(cfg)
     if on_cpu:
         # Read once, at DeepSpeed's first get_accelerator(); a user's own setting stands.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

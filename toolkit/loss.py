@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from toolkit.data import IGNORE  # the target id that does not count (padding)
 
@@ -57,6 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # (the gradients were computed in forward: a second derivative is not available)
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
@@ -72,4 +74,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if chunk <= 0:
         logits = F.linear(hidden, weight)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # Validation (no_grad): the loss alone, chunk by chunk (inside the Function it would compute gradients:
+        # ctx.needs_input_grad does not know about no_grad).
+        loss = torch.zeros((), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start:start + chunk], weight).float()
+            loss = loss + F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE, reduction="sum")
+        return loss
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)

@@ -26,6 +26,11 @@ def noise_scale_terms(small_sq: float, big_sq: float, b_small: float, b_big: flo
     """Unbiased estimates of (|G|^2, tr(Sigma)) from the squared gradient norms of two batch sizes."""
     if not 0 < b_small < b_big:
         raise ValueError(f"need 0 < b_small < b_big, got {b_small} and {b_big}")
+    return _terms(small_sq, big_sq, b_small, b_big)
+
+
+def _terms(small_sq, big_sq, b_small, b_big):
+    """``noise_scale_terms`` without the check (which would read device tensors back to the host)."""
     grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
     return grad_sq, trace
@@ -149,7 +154,9 @@ class NoiseProbe:
     def __init__(self, decay: float, device: torch.device, tokens_per_sample: float):
         self.estimate = NoiseScale(decay)
         self.device = device
-        self.tokens_per_sample = tokens_per_sample  # targets per sample, measured at every update
+        # Targets per sample, measured at every update; and whether any update counted (both on the device).
+        self.tokens_per_sample = torch.tensor(float(tokens_per_sample), device=device)
+        self.started = torch.zeros((), dtype=torch.bool, device=device)
         self.begin_step()
 
     def begin_step(self) -> None:
@@ -159,26 +166,37 @@ class NoiseProbe:
         """After the first micro-step's backward (not yet all-reduced, nothing else added)."""
         self.small_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
 
-    def update(self, grad_norm: torch.Tensor, small_targets: float, global_targets: float, samples: int) -> None:
+    def update(self, grad_norm: torch.Tensor, small_targets, global_targets, samples: int) -> None:
         """One step's estimate. The small gradient is of the first micro-batch's *summed* loss, so its mean
-        gradient is that over ``small_targets``; the big one is already the global batch's mean."""
-        if not 0 < small_targets < global_targets:
-            return
-        self.tokens_per_sample = global_targets / samples
-        self.estimate.update(self.small_sq / small_targets**2, grad_norm.float().square(), small_targets, global_targets)
+        gradient is that over ``small_targets``; the big one is already the global batch's mean. The counts may
+        be device tensors: all of it stays on the device (no host sync), and a step whose first micro-batch has
+        no target, or every target of the step, counts for nothing (``torch.where`` instead of an ``if``)."""
+        small = torch.as_tensor(small_targets, device=self.device).float()
+        big = torch.as_tensor(global_targets, device=self.device).float()
+        ok = (small > 0) & (small < big)
+        small, big = torch.where(ok, small, 1.0), torch.where(ok, big, 2.0)  # (no division by zero when not ok)
+        grad_sq, trace = _terms(self.small_sq / small**2, grad_norm.float().square(), small, big)
+        e = self.estimate
+        if e.grad_sq is None:
+            e.grad_sq, e.trace = torch.zeros_like(grad_sq), torch.zeros_like(trace)
+        smoothed = [torch.where(self.started, e.decay * old + (1 - e.decay) * new, new)
+                    for old, new in ((e.grad_sq, grad_sq), (e.trace, trace))]
+        e.grad_sq, e.trace = (torch.where(ok, new, old) for new, old in zip(smoothed, (e.grad_sq, e.trace), strict=True))
+        self.tokens_per_sample = torch.where(ok, big / samples, self.tokens_per_sample)
+        self.started = self.started | ok
 
     def value(self) -> tuple[float | None, float | None]:
         """(B_simple in samples, in targets), or (None, None) while it is not available."""
         if self.unavailable() is not None:
             return None, None
         targets = float(self.estimate.value)
-        return targets / self.tokens_per_sample, targets
+        return targets / float(self.tokens_per_sample), targets
 
     def unavailable(self) -> str | None:
         """Why there is no value yet, or None. Both smoothed estimates must be positive: their ratio is
         meaningless otherwise (early on, either can be negative from noise)."""
         e = self.estimate
-        if e.grad_sq is None:
+        if e.grad_sq is None or not bool(self.started):
             return "no step measured yet"
         if float(e.grad_sq) <= 0:
             return "the |G|^2 estimate is not positive yet (too few steps, or a batch far below the noise scale)"
@@ -197,8 +215,9 @@ class NoiseProbe:
     def state(self) -> list[float] | None:
         """What a checkpoint keeps: the two moving averages."""
         e = self.estimate
-        return None if e.grad_sq is None else [float(e.grad_sq), float(e.trace)]
+        return None if e.grad_sq is None or not bool(self.started) else [float(e.grad_sq), float(e.trace)]
 
     def restore(self, state: list[float] | None) -> None:
         if state is not None:
             self.estimate.grad_sq, self.estimate.trace = (torch.tensor(v, device=self.device) for v in state)
+            self.started = torch.ones((), dtype=torch.bool, device=self.device)

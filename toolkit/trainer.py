@@ -196,14 +196,12 @@ class Trainer:
             step_loss += loss_sum.detach().float()
             targets += n_targets
         global_targets = self.ranks.sum(targets)  # one scalar all-reduce per step
-        if p.noise is not None:  # read now: the update's own host sync (the norm check) comes next anyway
-            small_targets, big_targets = float(first_targets), float(global_targets)
         p.memory.update_begins()
         applied, self.grad_norm = self.steps.step(global_targets, self.step + 1)
         if applied:
             # One micro-step per step: the hook took the local norm (DDP), or, in a ramp step, nobody did.
             if p.noise is not None and (step_plan.accumulation > 1 or self.plan.accumulation == 1):
-                p.noise.update(self.grad_norm, small_targets, big_targets, step_plan.global_size)
+                p.noise.update(self.grad_norm, first_targets, global_targets, step_plan.global_size)  # on the device
             self.skipped_in_row = 0
             self.loss_sum += step_loss
             self.targets_since_log += global_targets

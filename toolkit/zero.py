@@ -179,7 +179,7 @@ def full_optimizer_state(params: list[torch.nn.Parameter], zero_optimizer, layou
     state = {}
     if steps:  # no state before the first step, as in torch
         relink_fragments(zero_optimizer)
-        step = steps[0].detach().to("cpu", torch.float32)
+        step = torch.as_tensor(steps[0]).detach().to("cpu", torch.float32)  # (DeepSpeed's CPU Adam counts in an int)
         for index, p in enumerate(params):
             moments = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_STATES}
             if keep:
@@ -210,9 +210,13 @@ def load_full_optimizer_state(params: list[torch.nn.Parameter], zero_optimizer, 
         return  # saved before any step: nothing to restore
     inner = zero_optimizer.optimizer
     step = next(iter(saved["state"].values()))["step"].detach().to("cpu", torch.float32)
+    int_step = type(inner).__name__ == "DeepSpeedCPUAdam"  # it counts steps in a Python int, torch's AdamW in a tensor
     for group in inner.param_groups:
+        # torch's fused and capturable AdamW read the step count on the parameters' device, the others on the CPU.
+        on_device = group.get("fused") or group.get("capturable")
         for flat in group["params"]:
-            inner.state[flat] = {"step": step.clone(),
+            count = int(step.item()) if int_step else step.to(flat.device, copy=True) if on_device else step.clone()
+            inner.state[flat] = {"step": count,
                                  **{k: torch.zeros_like(flat, memory_format=torch.preserve_format) for k in ADAM_STATES}}
     relink_fragments(zero_optimizer)
     for index, p in enumerate(params):

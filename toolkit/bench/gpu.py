@@ -30,6 +30,7 @@ import copy
 import gc
 import io
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -63,11 +64,12 @@ def _peak(device: torch.device) -> float | None:
 
 
 def _row_cfg(cfg: Config, micro: int, compile_: bool, stage: int | None, steps: int, loss_chunk: int | None = None,
-             micro_size=None) -> Config:
+             micro_size=None, offload: bool = False) -> Config:
     c = copy.deepcopy(cfg)
     c.batch.micro_size = micro_size or micro
     c.model.compile = compile_
     c.deepspeed.stage = stage
+    c.deepspeed.offload_optimizer = offload
     c.train.steps = steps
     if loss_chunk is not None:
         c.model.loss_chunk = loss_chunk
@@ -95,6 +97,9 @@ def toolkit_row(cfg: Config, warmup: int, steps: int, run_dir: Path, count_syncs
     cfg.run.dir = str(run_dir)
     cfg.train.steps = warmup + steps + count_syncs
     result = {}
+    # A DeepSpeed row leaves its marks in the environment (Accelerate's ACCELERATE_USE_DEEPSPEED, the one-process
+    # RANK/WORLD_SIZE/MASTER_* the toolkit sets): the next row would build a DeepSpeed Accelerator from them.
+    environment = dict(os.environ)
     with contextlib.redirect_stdout(io.StringIO()):
         started = time.perf_counter()
         trainer = Trainer(cfg)
@@ -128,6 +133,8 @@ def toolkit_row(cfg: Config, warmup: int, steps: int, run_dir: Path, count_syncs
             AcceleratorState._reset_state(True)
             GradientState._reset_state()
             _forget_deepspeed_groups()
+            os.environ.clear()
+            os.environ.update(environment)
     return result
 
 
@@ -162,14 +169,13 @@ def _attempt(fn, device: torch.device) -> dict:
 def largest_fitting(cfg: Config, device: torch.device, low: int, high: int) -> int:
     """The largest micro size in [low, high) whose real step (forward, backward, AdamW) fits: a binary search over
     every integer, as ``batch.micro_size: auto`` searches over the usable ones only."""
-    from toolkit.autobatch import StepProbe, batch_maker, settled_baseline
+    from toolkit.autobatch import StepProbe, batch_maker, memory_limit, settled_baseline
 
     data, _ = load_data(cfg, shape_from_config(cfg).vocab_size)
     baseline = settled_baseline(device)
     model = build_model(cfg).to(device)
     probe = StepProbe(model, batch_maker(data, None), device, device.type == "cuda", baseline, cfg.optim.weight_decay)
-    limit = torch.cuda.mem_get_info(device)[1] * (1 - cfg.batch.memory_margin) - baseline if device.type == "cuda" \
-        else float("inf")
+    limit = memory_limit(cfg, device, baseline)  # as batch.micro_size=auto's
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if probe.peak(mid) <= limit else (low, mid)
@@ -184,8 +190,10 @@ def gpu_bench(cfg: Config, micros: list[int], modes: list[str], engines: list[st
         raise ConfigError(f"--plain={plain_mode}: choose eager or compiled")
     if not set(modes) <= {"eager", "compiled"}:
         raise ConfigError(f"--modes={','.join(modes)}: choose from eager, compiled")
-    if not set(engines) <= {"ddp", "zero1", "zero2", "zero3"}:
-        raise ConfigError(f"--engines={','.join(engines)}: choose from ddp, zero1, zero2, zero3")
+    known = {"ddp", *(f"zero{n}{tail}" for n in (1, 2, 3) for tail in ("", "-offload"))}
+    if not set(engines) <= known:
+        raise ConfigError(f"--engines={','.join(engines)}: choose from ddp, zero1, zero2, zero3 (zeroN-offload: with the "
+                          f"optimizer states in host memory, stepped by DeepSpeed's CPU Adam)")
     device = torch.device("cpu") if wants_cpu(cfg) else torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and cfg.train.device != "cpu":
         raise ConfigError("bench gpu needs a CUDA device (or train.device=cpu, to try the bench itself on a CPU)")
@@ -225,14 +233,16 @@ def gpu_bench(cfg: Config, micros: list[int], modes: list[str], engines: list[st
                 lambda m=micro: plain_row(cfg, data, m, warmup, steps, device, plain_mode == "compiled"), device))
         # The DeepSpeed rows last: DeepSpeed sets this process's distributed environment up for itself.
         for engine in sorted(engines, key=lambda e: e != "ddp"):
-            stage = None if engine == "ddp" else int(engine.removeprefix("zero"))
+            stage = None if engine == "ddp" else int(engine.removeprefix("zero").removesuffix("-offload"))
+            offload = engine.endswith("-offload")
             for mode in modes:
                 for micro in micros:
-                    c = _row_cfg(cfg, micro, mode == "compiled", stage, warmup + steps)
+                    c = _row_cfg(cfg, micro, mode == "compiled", stage, warmup + steps, offload=offload)
                     row = _attempt(lambda c=c, d=tmp / f"{engine}-{mode}-{micro}": toolkit_row(c, warmup, steps, d),
                                    device)
                     base = plain[micro].get("tokens_per_s")
-                    row = add(f"toolkit {mode} {'1 GPU' if stage is None else f'ZeRO-{stage}'}", micro, row)
+                    label = "1 GPU" if stage is None else f"ZeRO-{stage}" + (" offload" if offload else "")
+                    row = add(f"toolkit {mode} {label}", micro, row)
                     if base and "tokens_per_s" in row:
                         row["vs_plain"] = row["tokens_per_s"] / base
                         save()
