@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from toolkit.processes import alive, descendants, free_port, kill_tree  # noqa: F401  (tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="toolkit-test-cache-"))
 PYTHON = sys.executable
 ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
 
@@ -54,6 +56,7 @@ def child_env(wandb: bool = False) -> dict:
         env.pop(key)
     if not wandb:
         env["WANDB_MODE"] = "disabled"
+    env.setdefault("TOOLKIT_CACHE_DIR", str(TEST_CACHE))  # batch.micro_size=auto's answers: not in the user's home
     return env
 
 

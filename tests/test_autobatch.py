@@ -20,7 +20,7 @@ SCRIPT = str(ROOT / "tests" / "probe_auto_micro.py")
 JOB = ["model.size=tiny", "model.dropout=0.1", "data.seq_len=256", "batch.global_size=48", "batch.memory_margin=0", "train.steps=3",
        "train.val_every=0", "train.val_batches=1", "train.log_every=1", "train.progress=false", "train.precision=fp32"]
 SHARE = 24  # samples per rank per step: global 48 over 2 processes
-SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24]
+SIZES = [1, 2, 4, 6, 8, 12, 16]  # what the search below probes, and the divisors of 24 around the limits
 
 
 def test_search_doubles_then_bisects_between_the_last_fit_and_the_first_failure():
@@ -130,7 +130,7 @@ def test_two_ranks_with_different_limits_agree_on_the_smaller_size_and_train_as_
     # Rank 0 could take 12; rank 1's limit lies half-way between the peaks of 6 and 8.
     limits = [(peaks[12] + peaks[16]) / 2, (peaks[6] + peaks[8]) / 2]
     expected = max(s for s in SIZES if SHARE % s == 0 and peaks[s] <= min(limits))
-    assert expected == 6
+    assert expected == 6  # (3, the only divisor of 24 below 6 not swept, is smaller anyway)
 
     auto_dir, fixed_dir = tmp_path / "auto", tmp_path / "fixed"
     auto = train([*JOB, f"run.dir={auto_dir}", "batch.micro_size=auto"], processes=2, script=SCRIPT, timeout=300,

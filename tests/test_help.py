@@ -87,7 +87,7 @@ def test_help_config_section_prints_keys_defaults_and_docstrings():
     assert "batch.global_size: int | full = 32" in result.stdout.splitlines()
     doc = field_docs(Config.__dataclass_fields__["batch"].default_factory)["global_size"]
     assert "Samples per optimizer step" in doc and flat(doc) in flat(result.stdout)
-    assert "batch.micro_size: int | None = null" in result.stdout
+    assert "batch.micro_size: int | auto | None = null" in result.stdout
     assert "train.steps" not in result.stdout  # only the section asked for
 
 

@@ -58,7 +58,7 @@ def check_default_run(job: dict) -> None:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["plan"] == {"global_size": 32, "micro_size": 4, "accumulation": 8 // processes,
                               "world_size": processes, "seq_len": 128, "ragged": False, "tokens_per_step": 4096}
-    assert config["batch"] == {"global_size": 32, "micro_size": 4,
+    assert config["batch"] == {"global_size": 32, "micro_size": 4, "memory_limit_gib": None, "memory_margin": 0.05,
                                "ramp": {"start": None, "increment": None, "samples": 0}}
     assert config["run"]["dir"] == str(run_dir) and config["train"]["steps"] == 300
 

@@ -294,7 +294,7 @@ def bench_main(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.config or BENCH_GPU_CONFIG, args.overrides)
         result = gpu_bench(cfg, _sizes(args.micro, "--micro"), args.modes.split(","), args.engines.split(","),
-                           args.warmup, args.steps or 20, args.auto_share or None, Path(args.out) if args.out else None,
+                           args.warmup, args.steps, args.auto_share or None, Path(args.out) if args.out else None,
                            args.plain)
         print(json.dumps(result, indent=2) if args.json else result["report"])
         return 0
@@ -302,10 +302,10 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.which == "tracking":
         from toolkit.bench.tracking import tracking_overhead
 
-        result = tracking_overhead(cfg, steps=args.steps or 30, repeats=args.repeats)
+        result = tracking_overhead(cfg, steps=args.steps, repeats=args.repeats)
         print(json.dumps(result, indent=2) if args.json else result["report"])
         return 0
-    result = parity(cfg, steps=args.steps or 30, repeats=args.repeats)
+    result = parity(cfg, steps=args.steps, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else result["report"])
     return 0
 
@@ -458,8 +458,7 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
                                     "configs/bench-memory.yaml for memory, configs/bench-gpu.yaml for gpu)")
     b.add_argument("--processes", type=int, default=2, help="memory: processes per run")
     b.add_argument("--stages", default="ddp,0,1,2,3", help="memory: comma-separated modes (ddp or a ZeRO stage)")
-    b.add_argument("--steps", type=int, default=0, help="optimizer steps per timed run (default: 30 for parity and "
-                                                         "tracking, 20 for gpu)")
+    b.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
     b.add_argument("--micro", default="16,32,64,128", help="gpu: micro sizes (the global batch is the largest)")
     b.add_argument("--modes", default="eager,compiled", help="gpu: the toolkit's rows, eager and/or compiled")
     b.add_argument("--engines", default="ddp,zero2", help="gpu: ddp (no DeepSpeed) and/or zero1, zero2, zero3, "

@@ -65,8 +65,8 @@ def attribute_docs(obj) -> dict[str, str]:
     return docs
 
 
-TYPE_SHOWN = {"batch.global_size": "int | full"}
-"""Keys whose annotation is wider than what they accept (``int | str``: a number, or the word ``full``)."""
+TYPE_SHOWN = {"batch.global_size": "int | full", "batch.micro_size": "int | auto | None"}
+"""Keys whose annotation is wider than what they accept (``int | str``: a number, or the word ``full`` / ``auto``)."""
 
 
 def _default(f: dataclasses.Field):
