@@ -155,19 +155,23 @@ class StepProbe:
         self.release()
 
     def release(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        else:
-            _malloc_trim()
+        release_memory(self.device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and give freed memory back: CUDA's cached blocks, or the heap glibc keeps after a free
+    (the resident set would keep it otherwise)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        _malloc_trim()
 
 
 def settled_baseline(device: torch.device) -> int:
-    """What the process holds now, after collecting garbage and giving freed memory back: the baseline that the
-    probe's peaks are measured above (start-up's garbage, freed in the first probe step, would lower them)."""
-    gc.collect()
-    if device.type != "cuda":
-        _malloc_trim()
+    """What the process holds now, once freed memory is given back: the baseline that the probe's peaks are
+    measured above (start-up's garbage, freed in the first probe step, would lower them)."""
+    release_memory(device)
     return PeakMeter.baseline_now(device)
 
 

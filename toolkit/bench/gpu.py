@@ -19,7 +19,7 @@ memory says so. Then:
   choice, the probe's time and what it left allocated, and the largest micro size that really fits, found by
   probing every size between the choice and the first failure (auto's choice / that size: at least 0.9).
 
-Results go to the terminal as a table and, with ``--json FILE``, to a file that is rewritten after every row
+Results go to the terminal as a table and, with ``--out FILE``, to a JSON file that is rewritten after every row
 (a command cut short by a time limit keeps what it measured).
 """
 
@@ -43,11 +43,10 @@ from toolkit.batch import make_plan
 from toolkit.bench.common import _sync
 from toolkit.config import Config, ConfigError
 from toolkit.data import load_data
-from toolkit.engine import wants_cpu
+from toolkit.engine import run_device
+from toolkit.memory import GIB
 from toolkit.metrics import mfu, peak_flops
 from toolkit.model import build_model, flops_per_token, num_params, shape_from_config
-
-GIB = 2**30
 
 
 def _reset(device: torch.device) -> None:
@@ -194,7 +193,7 @@ def gpu_bench(cfg: Config, micros: list[int], modes: list[str], engines: list[st
     if not set(engines) <= known:
         raise ConfigError(f"--engines={','.join(engines)}: choose from ddp, zero1, zero2, zero3 (zeroN-offload: with the "
                           f"optimizer states in host memory, stepped by DeepSpeed's CPU Adam)")
-    device = torch.device("cpu") if wants_cpu(cfg) else torch.device("cuda", torch.cuda.current_device())
+    device = run_device(cfg)
     if device.type == "cpu" and cfg.train.device != "cpu":
         raise ConfigError("bench gpu needs a CUDA device (or train.device=cpu, to try the bench itself on a CPU)")
     cfg = copy.deepcopy(cfg)
