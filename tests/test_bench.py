@@ -111,3 +111,35 @@ def test_the_gpu_bench_runs_its_rows_end_to_end_on_a_cpu(tmp_path):
     assert auto["auto_micro"]["micro_size"] == 6 and auto["accumulation"] == 1  # nothing runs out on a CPU
     assert auto["largest_fitting"] == 6 and auto["auto_vs_largest"] == 1.0
     assert "auto: micro 6" in result.stdout and "plain eager" in result.stdout
+
+
+def test_a_sharded_save_holds_no_more_than_rank_0s_own_part_where_whole_holds_the_state():
+    """``toolkit bench checkpoint`` on 4 processes, DDP and ZeRO-3, a 12.6M-parameter model (its state, fp32
+    weights and AdamW moments, is 145 MiB): every rank's peak resident set above the one before the save stays
+    within a bounded buffer (16 MiB; its own part, 36 MiB, is written from where it lies, not copied), while
+    whole gathers (ZeRO-3) or copies (DDP) the state on rank 0. The step-time ratios are the bench's to report, not timed here."""
+    from toolkit.bench.checkpoint import checkpoint_bench
+
+    model = ["model.size=small", "model.n_layer=4", "model.n_head=8", "model.n_embd=512", "model.vocab_size=256"]
+    result = checkpoint_bench(ROOT / "configs" / "bench-memory.yaml", model, processes=[4], engines=["ddp", "zero3"],
+                              repeats=1, steps=2, every=1)
+    print("\n" + result["report"])
+    rows = {(r["engine"], r["format"]): r for r in result["rows"]}
+    assert set(rows) == {("ddp", "whole"), ("ddp", "sharded"), ("zero3", "whole"), ("zero3", "sharded")}
+    state = rows["ddp", "whole"]["state_bytes"]
+    assert 140 * 2**20 < state < 150 * 2**20
+    for engine in ("ddp", "zero3"):
+        sharded = rows[engine, "sharded"]
+        # A quarter of the state each: a copy of it would exceed the buffer, so the peak shows that none is made.
+        assert all(2 * BUFFER < r["own_bytes"] < 0.3 * state for r in sharded["ranks"]), (engine, sharded["ranks"])
+        assert all(r["peak_bytes"] <= BUFFER for r in sharded["ranks"]), (engine, sharded["ranks"])
+    # whole: ZeRO-3 gathers the whole state on rank 0; DDP's rank 0 holds it anyway and copies the weights to write
+    assert rows["zero3", "whole"]["peak_bytes"] >= 0.9 * state, rows["zero3", "whole"]
+    assert rows["ddp", "whole"]["peak_bytes"] >= 0.3 * state, rows["ddp", "whole"]  # (a copy of the weights: 1/3)
+    timing = result["timing"]
+    assert timing["engine"] == "ddp" and all(len(timing[m]) == 1 and timing[m][0] > 0 for m in ("none", "async", "sync"))
+
+
+BUFFER = 16 * 2**20
+"""The bound on what a sharded save may add to a rank's memory: its Python objects (the index, the gathered piece
+lists), never a copy of a tensor."""

@@ -13,7 +13,7 @@ import torch
 from conftest import read_jsonl, train
 from safetensors.torch import load_file
 
-from toolkit import checkpoint
+from toolkit import checkpoint, shards
 from toolkit.tracking import MetricsLog, cut_after_step
 
 SMALL = ["model.size=nano", "model.vocab_size=256", "data.source=synthetic", "data.synthetic_tokens=20000",
@@ -228,3 +228,36 @@ def test_leftovers_are_put_right_not_lost(tmp_path):
         checkpoint.verify(checkpoint.step_dir(tmp_path, step))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000008", "step-00000016"]
     assert sum("recovered" in line for line in said) == 2
+
+
+# ------------------------------------------------------------------------------------------ shard files
+def test_the_streaming_writer_writes_files_safetensors_reads(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16),
+               "d": torch.tensor(2.5), "e": torch.tensor([True, False, True])}
+    written = shards.write_safetensors(tmp_path / "x.safetensors",
+                                       [(k, list(v.shape), v.dtype, lambda v=v: v) for k, v in tensors.items()])
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    assert written["bytes"] == (tmp_path / "x.safetensors").stat().st_size
+    assert written["sha256"] == checkpoint._sha256(tmp_path / "x.safetensors")
+
+
+def test_a_reader_assembles_any_run_of_elements_from_the_pieces_that_hold_it(tmp_path):
+    full = torch.randn(10, 3)
+    flat = full.reshape(-1)
+    cuts = [0, 7, 7, 19, 30]  # rank 1 holds nothing
+    by_rank = [[shards.Piece("param/0", a, flat[a:b])] for a, b in zip(cuts, cuts[1:], strict=False)]
+    for rank, own in enumerate(by_rank):
+        shards.write_shard(tmp_path, rank, own)
+    index = shards.build_index({"param/0": ([10, 3], torch.float32)}, [shards.describe(p) for p in by_rank],
+                               {"w": "param/0"}, {"step": None, "param_groups": []})
+    (tmp_path / shards.INDEX).write_text(json.dumps(index))
+    reader = shards.ShardReader(tmp_path)
+    assert torch.equal(reader.whole("param/0"), full)
+    for start, length in ((0, 30), (5, 4), (6, 14), (19, 1), (29, 1), (3, 0)):
+        assert torch.equal(reader.read("param/0", start, length), flat[start:start + length]), (start, length)
+    with pytest.raises(ValueError, match="gap or overlap at element 7"):
+        shards.build_index({"param/0": ([10, 3], torch.float32)}, [[("param/0", 0, 7)], [("param/0", 8, 22)]], {}, {})
+    with pytest.raises(ValueError, match="cover 29 of 30"):
+        shards.build_index({"param/0": ([10, 3], torch.float32)}, [[("param/0", 0, 29)]], {}, {})

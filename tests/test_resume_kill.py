@@ -1,7 +1,8 @@
 """Resume after a kill: "Kill anywhere" and "Different world size".
 
 * Kill anywhere: a run is SIGKILLed (the whole process group: accelerate launch, torchrun and the ranks)
-  at a random moment after its first checkpoint, then the same command is run again. With
+  at a random moment after its first checkpoint (with 2 processes: while an asynchronous sharded checkpoint is
+  being written, ``checkpoint.format=sharded checkpoint.async_save=true``), then the same command is run again. With
   ``checkpoint.resume=auto`` it continues from the newest valid checkpoint and must end with weights
   bit-identical to an uninterrupted run, ``summary.json`` counting all ``train.steps`` and a
   ``metrics.jsonl`` that holds every (step, kind) once, train steps strictly increasing.
@@ -90,9 +91,17 @@ def check_summary(run_dir: Path, steps: int, world_size: int) -> dict:
     return summary
 
 
+def saves_in_flight(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints being written (their ``.tmp-step-N`` folders) beyond the newest valid one."""
+    newest = max(valid_checkpoints(run_dir), default=0)
+    found = [int(p.name.rsplit("-", 1)[1]) for p in (run_dir / "checkpoints").glob(".tmp-step-*")]
+    return sorted(step for step in found if step > newest)
+
+
 def start_and_kill(overrides: list[str], processes: int, run_dir: Path, delay: float,
-                   env: dict | None = None, script: str = "train.py") -> tuple[int | None, str]:
-    """Start the run in its own process group, wait for its first checkpoint, sleep ``delay``, SIGKILL the group.
+                   env: dict | None = None, script: str = "train.py", during_save: bool = False) -> tuple[int | None, str]:
+    """Start the run in its own process group, wait for its first checkpoint (``during_save``: then for a save in
+    flight after it), sleep ``delay``, SIGKILL the group.
 
     Returns (newest valid checkpoint step after the kill, what happened)."""
     run_dir.mkdir(parents=True)
@@ -106,7 +115,11 @@ def start_and_kill(overrides: list[str], processes: int, run_dir: Path, delay: f
                 assert time.monotonic() < deadline, "no checkpoint within 120 s"
                 time.sleep(0.02)
             assert proc.poll() in (None, 0), f"run failed before the kill: exit {proc.returncode}"
+            while during_save and not saves_in_flight(run_dir) and proc.poll() is None:
+                assert time.monotonic() < deadline, "no second checkpoint within 120 s"
+                time.sleep(0.005)
             time.sleep(delay)
+            in_flight = saves_in_flight(run_dir)
             finished = proc.poll() is not None
             if not finished:
                 kill_job(proc)
@@ -118,30 +131,42 @@ def start_and_kill(overrides: list[str], processes: int, run_dir: Path, delay: f
     logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] if (
         run_dir / "metrics.jsonl").exists() else []
     what = ("finished before the kill" if finished else f"killed (exit {proc.returncode})") + (
+        f" while writing checkpoint step {in_flight[0]}" if in_flight and not finished else "") + (
         f"; newest checkpoint step {newest}, last logged train step {logged[-1] if logged else None}, "
         f"summary.json {'present' if (run_dir / 'summary.json').exists() else 'absent'}")
     return newest, what
 
 
+# With 2 processes the checkpoints are sharded and written in the background, each shard 0.5 s slower
+# (tests/probe_slow_shards.py), and the kill lands while one is being written.
+ASYNC_SHARDED = ["checkpoint.format=sharded", "checkpoint.async_save=true"]
+KILL_FORMAT = {1: [], 2: ASYNC_SHARDED}
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, processes):
     started = time.perf_counter()
-    delay = random.Random(20240 + processes).uniform(0.0, MAX_DELAY[processes])
+    during_save = processes == 2
+    delay = random.Random(20240 + processes).uniform(0.0, 0.4 if during_save else MAX_DELAY[processes])
     killed = tmp_path / "killed"
-    newest, what = start_and_kill([*KILL_CONFIG, f"run.dir={killed}"], processes, killed, delay)
-    print(f"\n{processes} process(es): kill {delay:.2f} s after the first checkpoint: {what} "
-          f"({time.perf_counter() - started:.1f} s)")
+    config = [*KILL_CONFIG, *KILL_FORMAT[processes]]
+    newest, what = start_and_kill([*config, f"run.dir={killed}"], processes, killed, delay, during_save=during_save,
+                                  script=str(ROOT / "tests" / "probe_slow_shards.py") if during_save else "train.py")
+    print(f"\n{processes} process(es): kill {delay:.2f} s after {'a save began' if during_save else 'the first checkpoint'}: "
+          f"{what} ({time.perf_counter() - started:.1f} s)")
     assert newest is not None and newest % KILL_EVERY == 0
+    if during_save:
+        assert "while writing checkpoint step" in what, what
 
     # The uninterrupted reference run, and the resume (the same command again). One process each: at the same
     # time, one core each (after the kill, which alone is timed against the run's progress).
     t0 = time.perf_counter()
     reference = tmp_path / "reference"
     if processes == 1:
-        _, result = train_together([[*KILL_CONFIG, f"run.dir={reference}"], [*KILL_CONFIG, f"run.dir={killed}"]])
-    else:
+        _, result = train_together([[*KILL_CONFIG, f"run.dir={reference}"], [*config, f"run.dir={killed}"]])
+    else:  # (the reference writes whole checkpoints: the format changes nothing in the training)
         train([*KILL_CONFIG, f"run.dir={reference}"], processes=processes)
-        result = train([*KILL_CONFIG, f"run.dir={killed}"], processes=processes)
+        result = train([*config, f"run.dir={killed}"], processes=processes)
     print(f"reference and resume: {time.perf_counter() - t0:.1f} s; total {time.perf_counter() - started:.1f} s")
     match = re.search(r"resumed from (\S+) at step (\d+)", result.stdout)
     assert match, result.stdout[-2000:]

@@ -4,9 +4,11 @@ Layout of one checkpoint, ``<run.dir>/checkpoints/step-NNNNNNNN/``:
 
 * ``model.safetensors``: the plain model state dict (tied weights stored as copies);
 * ``optimizer.pt``: the optimizer state dict (tensors, numbers, lists and dicts only);
+* or, in a sharded checkpoint (``checkpoint.format``), ``shard-rank<R>.safetensors`` and ``index.json`` instead
+  of those two: each rank's pieces of the same states, written in parallel (toolkit/shards.py);
 * ``rng-rank<R>.pt``: each rank's torch RNG states;
 * ``state.json``: step, samples, the batch plan it was written with;
-* ``manifest.json``, written last: size and SHA-256 of every other file.
+* ``manifest.json``, written last: size and SHA-256 of every other file (each rank hashes what it wrote).
 
 The folder is assembled under a temporary name, every file is flushed to disk, and then it is renamed
 into place, so a checkpoint either exists whole or not at all. A checkpoint is valid only when its
@@ -39,6 +41,7 @@ from toolkit.errors import CheckpointWriteError  # noqa: F401  (raised here; def
 
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "optimizer.pt", "state.json", "rng-rank0.pt")
+REQUIRED_SHARDED = ("index.json", "state.json", "rng-rank0.pt")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -80,10 +83,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path) -> None:
-    """Record size and checksum of every file in ``folder`` (written last, flushed)."""
+def write_manifest(folder: Path, known: dict | None = None) -> None:
+    """Record size and checksum of every file in ``folder`` (written last, flushed). ``known``: the entries of
+    files whose writers hashed them as they wrote them (each rank its own), not read again here."""
+    known = known or {}
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: known.get(p.name) or {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
@@ -102,7 +107,8 @@ def verify(folder: Path) -> None:
         files = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    missing = [name for name in REQUIRED if name not in files]
+    sharded = "index.json" in files
+    missing = [name for name in (REQUIRED_SHARDED if sharded else REQUIRED) if name not in files]
     if missing:
         raise CheckpointError(f"{manifest_path}: does not list {', '.join(missing)}")
     for name, expected in files.items():
@@ -117,6 +123,14 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{path}: unreadable ({exc.strerror})") from None
         if digest != expected["sha256"]:
             raise CheckpointError(f"{path}: checksum does not match the manifest")
+    if sharded:  # every rank's shard is there (the index, verified above, says how many)
+        try:
+            shards = int(json.loads((folder / "index.json").read_text())["shards"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{folder / 'index.json'}: unreadable index ({exc})") from None
+        absent = [f"shard-rank{r}.safetensors" for r in range(shards) if f"shard-rank{r}.safetensors" not in files]
+        if absent:
+            raise CheckpointError(f"{manifest_path}: does not list {', '.join(absent)}")
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -222,7 +236,7 @@ def _failure_message(root: Path, step: int, needed: int, own_failure: bool) -> s
     previous = newest_valid(root, warn=lambda _: None)
     last = (f"the last checkpoint {previous.name} is intact" if previous is not None
             else "there is no earlier checkpoint (a rerun starts from step 0)")
-    reason = "the disk is full" if own_failure else "another rank could not write its RNG state there (a full disk?)"
+    reason = "the disk is full" if own_failure else "another rank could not write its part there (a full disk?)"
     return (f"cannot write checkpoint {step_dir(root, step).name} in {root}: {reason} ({free} free, the checkpoint "
             f"needs about {_mib(needed)}); {last}; free space and run the same command again")
 
@@ -238,16 +252,11 @@ def save(
     barrier: Callable[[], None] | None = None,
     agree: Callable[[bool], bool] | None = None,
     world_size: int = 1,
+    gather: Callable[[dict], list[dict]] | None = None,
 ) -> Path:
-    """Write a checkpoint collectively. Rank 0 checks that it fits, then writes the model, optimizer and
-    state; every rank writes its RNG state; rank 0 then writes the manifest and renames the folder into
-    place.
-
-    ``agree(ok)`` must return True on every rank only if every rank passed True (an all-reduce MIN); it is
-    also the synchronisation point between the phases. If any rank's part failed, every rank raises
-    ``CheckpointWriteError`` (rank 0's message names the cause; a rank's own error that is not a full disk
-    is raised as it is), rank 0 having removed the temporary folder. Without ``agree`` (one process, or
-    old callers) ``barrier()`` synchronises and a failure is raised on the rank that met it only.
+    """Write a whole checkpoint collectively: rank 0 writes the model, optimizer and state, every rank its RNG
+    state (see ``save_collectively`` for the protocol, ``agree`` and ``gather``). Without ``agree`` (one
+    process, or old callers) ``barrier()`` synchronises and a failure is raised on the rank that met it only.
     """
     if agree is None:
         def agree(ok: bool) -> bool:
@@ -255,11 +264,41 @@ def save(
                 barrier()
             return ok
 
+    def write_main(tmp: Path) -> None:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
+                  str(tmp / "model.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        write_state(tmp, state)
+
+    needed = estimate_bytes(model_state, optimizer_state, rng_state, world_size) if rank == 0 else 0
+    return save_collectively(root, step, rank, agree, gather, needed,
+                             write_own=lambda tmp: {f"rng-rank{rank}.pt": _save_synced(rng_state, tmp / f"rng-rank{rank}.pt")},
+                             write_main=write_main)
+
+
+def write_state(folder: Path, state: TrainingState) -> None:
+    (folder / "state.json").write_text(json.dumps(state.__dict__, indent=2))
+
+
+def save_collectively(root: Path, step: int, rank: int, agree: Callable[[bool], bool],
+                      gather: Callable[[dict], list[dict]] | None, needed: int,
+                      write_own: Callable[[Path], dict], write_main: Callable[[Path], None]) -> Path:
+    """Write a checkpoint folder together: rank 0 checks that ``needed`` bytes fit and creates the temporary
+    folder; every rank writes its own files (``write_own(tmp)``, returning their manifest entries, hashed as they
+    were written); rank 0 gets all entries through ``gather`` and writes its shared files (``write_main(tmp)``),
+    then the manifest, and renames the folder into place.
+
+    ``agree(ok)`` must return True on every rank only if every rank passed True (an all-reduce MIN); it is
+    also the synchronisation point between the phases. ``gather(entries)`` returns every rank's entries (an
+    all-gather; None: one process). If any rank's part failed, every rank raises ``CheckpointWriteError``
+    (rank 0's message names the cause; a rank's own error that is not a full disk is raised as it is), rank 0
+    having removed the temporary folder.
+    """
     final = step_dir(root, step)
     tmp = root / f".tmp-step-{step:08d}"
     trash = root / f".trash-step-{step:08d}"
-    needed = 0
     error: BaseException | None = None
+    known: dict = {}
 
     def attempt(action: Callable[[], None]) -> None:
         nonlocal error
@@ -283,26 +322,22 @@ def save(
         raise CheckpointWriteError(_failure_message(root, step, needed, own_failure=error is not None)) from None
 
     def prepare() -> None:
-        nonlocal needed
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         # Old checkpoints are pruned only after this one is in place: it needs its whole size free now.
-        needed = estimate_bytes(model_state, optimizer_state, rng_state, world_size)
         if needed > shutil.disk_usage(root).free:
             raise _NoRoom()
         tmp.mkdir()
 
-    def write_rank0_files() -> None:
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
-                  str(tmp / "model.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2))
+    def own() -> None:
+        known.update(write_own(tmp))
 
     def commit() -> None:
         for path in tmp.iterdir():  # flush every file before the manifest vouches for them
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-        write_manifest(tmp)
+            if path.name not in known:  # (the ranks flushed theirs)
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+        write_manifest(tmp, known)
         _fsync_dir(tmp)
         # A checkpoint of the same step from an earlier attempt is moved aside first and deleted only
         # after the new one is in place, so a kill at any moment leaves one of the two whole.
@@ -316,9 +351,11 @@ def save(
     if rank == 0:
         attempt(prepare)
     agreed()
-    attempt(lambda: _save_synced(rng_state, tmp / f"rng-rank{rank}.pt"))  # each rank flushes its own file
+    attempt(own)
+    for entries in (gather(dict(known)) if gather is not None else [dict(known)]):
+        known.update(entries or {})
     if rank == 0:
-        attempt(write_rank0_files)
+        attempt(lambda: write_main(tmp))
     agreed()
     if rank == 0:
         attempt(commit)
@@ -358,11 +395,13 @@ def remove_leftovers(root: Path, say: Callable[[str], None] | None = print) -> l
     return removed
 
 
-def _save_synced(obj, path: Path) -> None:
+def _save_synced(obj, path: Path) -> dict:
+    """torch.save, flushed to disk; returns the file's manifest entry."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def prune(root: Path, keep: int, current_step: int) -> None:
@@ -410,9 +449,13 @@ def load(folder: Path, rank: int) -> tuple[dict, dict, dict | None, TrainingStat
     except Exception as exc:  # a verified file that still does not parse (written by another version)
         raise CheckpointError(f"{folder}: cannot read ({str(exc).splitlines()[0]})") from None
     optimizer_state = _torch_load(folder / "optimizer.pt")
+    return model_state, optimizer_state, load_rng(folder, rank), state
+
+
+def load_rng(folder: Path, rank: int) -> dict | None:
+    """This rank's RNG states in a checkpoint; None if the checkpoint had fewer ranks."""
     rng_path = folder / f"rng-rank{rank}.pt"
-    rng_state = _torch_load(rng_path) if rng_path.is_file() else None
-    return model_state, optimizer_state, rng_state, state
+    return _torch_load(rng_path) if rng_path.is_file() else None
 
 
 def rng_state() -> dict[str, torch.Tensor]:

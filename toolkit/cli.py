@@ -289,11 +289,19 @@ def bench_main(args: argparse.Namespace) -> int:
                               stages=args.stages)
         print(json.dumps(result, indent=2) if args.json else result["report"])
         return 0
+    if args.which == "checkpoint":
+        from toolkit.bench.checkpoint import checkpoint_bench
+
+        result = checkpoint_bench(args.config or BENCH_MEMORY_CONFIG, args.overrides,
+                                  _sizes(args.world_sizes, "--world-sizes"), (args.engines or "ddp,zero3").split(","),
+                                  repeats=args.repeats, steps=args.steps, every=args.every)
+        print(json.dumps(result, indent=2) if args.json else result["report"])
+        return 0
     if args.which == "gpu":
         from toolkit.bench.gpu import gpu_bench
 
         cfg = load_config(args.config or BENCH_GPU_CONFIG, args.overrides)
-        result = gpu_bench(cfg, _sizes(args.micro, "--micro"), args.modes.split(","), args.engines.split(","),
+        result = gpu_bench(cfg, _sizes(args.micro, "--micro"), args.modes.split(","), (args.engines or "ddp,zero2").split(","),
                            args.warmup, args.steps, args.auto_share or None, Path(args.out) if args.out else None,
                            args.plain)
         print(json.dumps(result, indent=2) if args.json else result["report"])
@@ -449,26 +457,31 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. batch.micro_size=4")
 
     b = command("bench", "benchmarks, as ratios against a baseline measured in the same run", bench_main)
-    b.add_argument("which", choices=["parity", "memory", "tracking", "gpu"],
+    b.add_argument("which", choices=["parity", "memory", "tracking", "gpu", "checkpoint"],
                    help="parity: the toolkit's loop against a plain PyTorch loop; memory: measured against predicted "
                         "memory per device for DDP and ZeRO stages; tracking: W&B and the noise scale on vs off; gpu: "
                         "GPT-2 small on one GPU, the toolkit (eager, compiled, ZeRO-2) against plain compiled PyTorch, "
-                        "per micro size, with the chunked loss, host syncs and batch.micro_size=auto")
+                        "per micro size, with the chunked loss, host syncs and batch.micro_size=auto; checkpoint: a "
+                        "save's time and rank 0's peak memory, whole against sharded, and the step time with "
+                        "checkpoint.async_save")
     b.add_argument("--config", help="YAML run config (default: configs/bench-parity.yaml for parity and tracking, "
-                                    "configs/bench-memory.yaml for memory, configs/bench-gpu.yaml for gpu)")
+                                    "configs/bench-memory.yaml for memory and checkpoint, configs/bench-gpu.yaml for gpu)")
     b.add_argument("--processes", type=int, default=2, help="memory: processes per run")
     b.add_argument("--stages", default="ddp,0,1,2,3", help="memory: comma-separated modes (ddp or a ZeRO stage)")
     b.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
     b.add_argument("--micro", default="16,32,64,128", help="gpu: micro sizes (the global batch is the largest)")
     b.add_argument("--modes", default="eager,compiled", help="gpu: the toolkit's rows, eager and/or compiled")
-    b.add_argument("--engines", default="ddp,zero2", help="gpu: ddp (no DeepSpeed) and/or zero1, zero2, zero3, "
-                                                                  "zeroN-offload")
+    b.add_argument("--engines", help="gpu: ddp (no DeepSpeed) and/or zero1, zero2, zero3, zeroN-offload (default "
+                                      "ddp,zero2); checkpoint: ddp and/or zero1, zero2, zero3 (default ddp,zero3)")
+    b.add_argument("--world-sizes", default="2,4", help="checkpoint: process counts, one run each per engine")
+    b.add_argument("--every", type=int, default=10, help="checkpoint: steps between the timed loop's checkpoints")
     b.add_argument("--plain", default="compiled", help="gpu: the plain loop compiled (the bar) or eager")
     b.add_argument("--warmup", type=int, default=5, help="gpu: untimed steps before each row's timed ones")
     b.add_argument("--auto-share", type=int, default=1440, help="gpu: samples per step for the batch.micro_size=auto "
                                                                 "row (many divisors); 0: no auto row")
     b.add_argument("--out", help="gpu: a JSON file rewritten after every row (kept if the bench is cut short)")
-    b.add_argument("--repeats", type=int, default=3, help="parity, tracking: alternating timed runs of each loop")
+    b.add_argument("--repeats", type=int, default=3, help="parity, tracking, checkpoint: alternating timed runs of each "
+                                                          "loop (checkpoint: of each save, too)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the bench's config")
 
@@ -534,7 +547,26 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
     add_slurm_parser(command)
+    k = command("checkpoint", "work on a run's checkpoints: convert a sharded one to a whole one", checkpoint_main)
+    kinds = k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = kinds.add_parser("convert", formatter_class=HelpFormatter,
+                         help="write a sharded checkpoint as a whole one (model.safetensors, optimizer.pt), for export",
+                         description="Write a sharded checkpoint (checkpoint.format=sharded) as a whole one: "
+                                     "model.safetensors and optimizer.pt as plain PyTorch reads them, with the RNG "
+                                     "files, state.json and a manifest. A run resumes from either.")
+    v.add_argument("source", metavar="CHECKPOINT", help="a checkpoint folder, RUN_DIR/checkpoints/step-NNNNNNNN, or a "
+                                                       "run directory (its newest valid checkpoint)")
+    v.add_argument("--to", choices=["whole"], required=True, help="the format to write")
+    v.add_argument("--out", metavar="DIR", help="where (default: beside it, step-NNNNNNNN-whole)")
     return parser
+
+
+def checkpoint_main(args: argparse.Namespace) -> int:
+    from toolkit.convert import convert_to_whole
+
+    out = convert_to_whole(Path(args.source), Path(args.out) if args.out else None)
+    print(f"wrote {out} (a whole checkpoint; resume from it with checkpoint.resume={out})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

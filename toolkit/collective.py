@@ -28,10 +28,19 @@ class Ranks:
             value = box[0]
         return value
 
-    def all_ok(self, ok: bool) -> bool:
+    def all_ok(self, ok: bool, group=None) -> bool:
         """True on every rank only if every rank says ``ok``: how a write that failed on one rank (a full disk)
         reaches the others, so that all stop together instead of waiting for it."""
-        return bool(self._reduce(int(ok), dist.ReduceOp.MIN))
+        return bool(self._reduce(int(ok), dist.ReduceOp.MIN, group))
+
+    def gather(self, value, group=None) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank (on ``group``, by default the
+        gloo group of ``flag_group``)."""
+        if self.world_size == 1:
+            return [value]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value, group=group or self.flag_group())
+        return out
 
     def largest(self, value: int) -> int:
         """The largest ``value`` over the ranks (a stop signal's number, 0 for none)."""
@@ -43,10 +52,10 @@ class Ranks:
             dist.all_reduce(tensor)
         return tensor
 
-    def _reduce(self, value: int, op) -> int:
+    def _reduce(self, value: int, op, group=None) -> int:
         flag = torch.tensor([value])
         if self.world_size > 1:
-            dist.all_reduce(flag, op=op, group=self.flag_group())
+            dist.all_reduce(flag, op=op, group=group or self.flag_group())
         return int(flag.item())
 
     def flag_group(self):

@@ -262,6 +262,18 @@ class CheckpointConfig:
     keep: int = 2
     """How many of the newest checkpoints to keep in ``run.dir/checkpoints``."""
 
+    format: str = "auto"
+    """``whole``: rank 0 gathers the model and optimizer states and writes them alone (model.safetensors and
+    optimizer.pt, readable by plain PyTorch). ``sharded``: every rank writes the part it holds, in parallel, and
+    reads back only the part it needs; nothing is gathered on one rank (``toolkit checkpoint convert`` makes a
+    whole copy). ``auto``: sharded with several processes and a state of 1 GiB or more (about 90M parameters),
+    whole below. Either format resumes on any number of processes and any ZeRO stage."""
+
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (the states are first copied on the CPU); the
+    next checkpoint, a stop and the end of the run wait for it. A kill during the write leaves the previous
+    checkpoint as the newest valid one. (``async`` itself is a Python keyword, so the key is ``async_save``.)"""
+
     resume: str = "auto"
     """``auto``: continue from the newest valid checkpoint of run.dir, if any. ``never``: start fresh (refused
     when run.dir already has checkpoints, so nothing is overwritten by mistake). A path: resume from
@@ -343,6 +355,7 @@ CHOICES = {
     "train.device": ("auto", "cuda", "cpu"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.on_nonfinite": ("skip", "stop"),
+    "checkpoint.format": ("auto", "whole", "sharded"),
     "optim.schedule": ("cosine", "constant"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
 }

@@ -156,10 +156,11 @@ class Trainer:
                     return
             saved = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not last
             if saved:
-                self.save_checkpoint()
+                self.save_checkpoint(background=True)  # (in the background with checkpoint.async_save)
             if self.stops.agreed(self.ranks) and not last:
                 if not saved:
                     self.save_checkpoint()
+                self.parts.checkpointer.wait()  # the checkpoint is on disk before the run says it stopped
                 raise Preempted(self.step, self.stops.signum or signal.SIGTERM)
 
     # ----------------------------------------------------------------------------------------- step
@@ -242,9 +243,9 @@ class Trainer:
         self.stopped_at_target = True
         return True
 
-    def save_checkpoint(self) -> dict | None:
+    def save_checkpoint(self, background: bool = False) -> dict | None:
         started = time.perf_counter()
-        whole_model_state = self.parts.checkpointer.save(self.training_state())
+        whole_model_state = self.parts.checkpointer.save(self.training_state(), background)
         self.clock.pause_since(started)
         return whole_model_state
 
@@ -315,14 +316,14 @@ class Trainer:
         # this from the checkpoint alone, so all of them take the same branch.
         if self.step == self.first_step and self.last_val_step == self.step:
             self.ranks.say(f"step {self.step} was already done and validated; writing the final files only")
-            final_weights, _, _ = p.checkpointer.whole_states(with_optimizer=False)  # a collective under ZeRO
+            final_weights = p.checkpointer.final_weights()  # a collective under ZeRO
         else:
             if self.step > self.clock.lap_step:  # a run stopped at its target between log steps: its last steps
                 self.log_train()                  # count in the loss, the train time and tokens/s too
             if self.last_val_step != self.step:  # (a run stopped at its target has just validated)
                 self.log_validation()
                 self.reached_target()  # (the last validation may reach it too: then it stopped there as well)
-            final_weights = self.save_checkpoint()  # the weights it gathered are the final ones
+            final_weights = self.save_checkpoint()  # the weights it gathered are the final ones (None: sharded)
         summary = p.summary(self, memory)
         p.tracker.summarise(summary)
         p.checkpointer.write_final(final_weights, summary, self.step, p.save_final)

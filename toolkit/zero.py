@@ -1,13 +1,13 @@
 """DeepSpeed ZeRO: its config written from the batch plan, and whole (unsharded) model and optimizer
 states for checkpoints and final weights.
 
-Why whole states rather than DeepSpeed's own per-rank checkpoint files: a checkpoint of this toolkit
-is one format for every mode. The fp32 weights and the AdamW moments of every parameter are gathered
-into exactly what a plain PyTorch AdamW would save (``optimizer.pt``), so a run can resume on another
-number of processes (ZeRO-2 on 2 processes -> 1), another stage, or plain DDP, without a conversion
-step (DeepSpeed's universal checkpoint needs its ``ds_to_universal`` script run in between). The cost
-is that rank 0 holds the whole state in CPU memory while writing it (16 bytes per parameter), which is
-fine for the models a single node trains; beyond that, DeepSpeed's universal checkpoint is the tool.
+Whole states are what ``checkpoint.format=whole`` writes: the fp32 weights and the AdamW moments of every
+parameter gathered into exactly what a plain PyTorch AdamW would save (``optimizer.pt``), so that a run can
+resume on another number of processes, another stage, or plain DDP, without a conversion step (DeepSpeed's
+universal checkpoint needs its ``ds_to_universal`` script run in between). The cost is that rank 0 holds the
+whole state in CPU memory while writing it (12 bytes per parameter and the copies of the writers), which is
+fine for the models a single node trains; beyond that, ``checkpoint.format=sharded`` writes each rank's own
+fragments (toolkit/pieces.py) and resumes as freely.
 
 Gathering and restoring use DeepSpeed's tensor-fragment API (``safe_get_full_fp32_param``,
 ``safe_get_full_optimizer_state`` and their ``set`` twins), which knows where each parameter's slice lives
@@ -208,8 +208,18 @@ def load_full_optimizer_state(params: list[torch.nn.Parameter], zero_optimizer, 
 
     if not saved["state"]:
         return  # saved before any step: nothing to restore
+    create_optimizer_states(zero_optimizer, next(iter(saved["state"].values()))["step"])
+    for index, p in enumerate(params):
+        for key in ADAM_STATES:
+            safe_set_full_optimizer_state(p, saved["state"][index][key], key)
+
+
+def create_optimizer_states(zero_optimizer, step: torch.Tensor) -> None:
+    """Create the states of the optimizer DeepSpeed steps on its flat shards, as torch's AdamW would at its first
+    step (zeros and the step count ``step``), and link DeepSpeed's fragments to them, so that a checkpoint's
+    moments can be put in (DeepSpeed creates them lazily, at the first step)."""
     inner = zero_optimizer.optimizer
-    step = next(iter(saved["state"].values()))["step"].detach().to("cpu", torch.float32)
+    step = step.detach().to("cpu", torch.float32)
     int_step = type(inner).__name__ == "DeepSpeedCPUAdam"  # it counts steps in a Python int, torch's AdamW in a tensor
     for group in inner.param_groups:
         # torch's fused and capturable AdamW read the step count on the parameters' device, the others on the CPU.
@@ -219,6 +229,3 @@ def load_full_optimizer_state(params: list[torch.nn.Parameter], zero_optimizer, 
             inner.state[flat] = {"step": count,
                                  **{k: torch.zeros_like(flat, memory_format=torch.preserve_format) for k in ADAM_STATES}}
     relink_fragments(zero_optimizer)
-    for index, p in enumerate(params):
-        for key in ADAM_STATES:
-            safe_set_full_optimizer_state(p, saved["state"][index][key], key)
