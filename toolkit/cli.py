@@ -480,8 +480,8 @@ def build_toolkit_parser() -> argparse.ArgumentParser:
     b.add_argument("--auto-share", type=int, default=1440, help="gpu: samples per step for the batch.micro_size=auto "
                                                                 "row (many divisors); 0: no auto row")
     b.add_argument("--out", help="gpu: a JSON file rewritten after every row (kept if the bench is cut short)")
-    b.add_argument("--repeats", type=int, default=3, help="parity, tracking, checkpoint: alternating timed runs of each "
-                                                          "loop (checkpoint: of each save, too)")
+    b.add_argument("--repeats", type=int, default=3, help="parity, tracking, checkpoint (also saves per format): "
+                                                          "alternating timed runs of each loop")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the bench's config")
 
