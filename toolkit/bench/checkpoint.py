@@ -12,7 +12,10 @@ own shard and of the whole state (fp32 weights and two AdamW moments, 12 bytes p
 The first launch also times the step loop: ``--steps`` steps without checkpoints, with a sharded checkpoint every
 ``--every`` steps written in the background (``checkpoint.async_save``), and the same written synchronously,
 alternating ``--repeats`` times (the order flipping each repeat); the mean step time of each, saves included, and
-its ratio to the run without checkpoints of the same repeat (the median of these paired ratios).
+its ratio to the run without checkpoints of the same repeat (the median of these paired ratios). The timed steps
+start half-way between two checkpoint steps, so that the last save, too, has half an interval to be written in
+before the run's final wait (as in the steady state of a long run); the report also gives the seconds the step
+loop was held per save and how long a background save took to write.
 
 The runs set ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed tensors to the system at once and the
 resident set follows the live tensors.
@@ -88,6 +91,8 @@ def report(config, rows: list[dict], timing: dict | None) -> str:
         for key, label in (("none", "no checkpoints"), ("async", "async_save"), ("sync", "synchronous")):
             ratios = [t / base for t, base in zip(timing[key], timing["none"], strict=True)]  # paired, per repeat
             blocked = "" if key == "none" else f"; the loop held {statistics.median(timing[key + '_blocked']):.2f} s per save"
+            if key == "async" and timing.get("async_written"):
+                blocked += f", written in {statistics.median(timing['async_written']):.2f} s"
             lines.append(f"  {label:<16}{statistics.median(timing[key]) * 1000:>9.1f} ms/step   x{statistics.median(ratios):.3f} "
                          f"(per repeat: {' '.join(f'{r:.3f}' for r in ratios)}){blocked}")
     return "\n".join(lines)

@@ -76,6 +76,9 @@ def timed_steps(trainer: Trainer, steps: int, every: int, mode: str) -> tuple[fl
             blocked[1] += 1
 
     checkpointer.save = timed_save
+    # The timed steps start half-way between two checkpoint steps, so that each save, the last too, has half an
+    # interval of steps to be written in before the final wait: the steady state of a long run, not its end.
+    trainer.run_steps((every // 2 - trainer.step) % every)
     trainer.accelerator.wait_for_everyone()
     started = time.perf_counter()
     try:
@@ -84,7 +87,7 @@ def timed_steps(trainer: Trainer, steps: int, every: int, mode: str) -> tuple[fl
     finally:
         del checkpointer.save  # the method again
     trainer.accelerator.wait_for_everyone()
-    return (time.perf_counter() - started) / steps, blocked[0] / max(1, blocked[1])
+    return (time.perf_counter() - started) / steps, blocked[0] / max(1, blocked[1]), checkpointer.background_seconds
 
 
 def main(argv: list[str]) -> int:
@@ -96,7 +99,8 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     steps, every = args.timing or (0, 1)
     modes = ("none", "async", "sync")
-    total = WARM_STEPS + args.repeats * len(modes) * steps + 1  # (+1: the timed runs never reach the last step)
+    # (+every: the alignment of the first timed run; +1: the timed runs never reach the last step)
+    total = WARM_STEPS + args.repeats * len(modes) * steps + every + 1
     cfg = load_config(args.config, [*overrides, "checkpoint.resume=never", "checkpoint.every_steps=0",
                                     "checkpoint.async_save=true", "tracking.wandb=false", "train.progress=false",
                                     "train.val_every=0", f"train.steps={total}", "train.log_every=1000000"])
@@ -121,12 +125,14 @@ def main(argv: list[str]) -> int:
         timing = None
         if args.timing:
             timing = {"engine": engine, "processes": world, "steps": steps, "every": every, **{m: [] for m in modes},
-                      **{f"{m}_blocked": [] for m in modes}}
+                      **{f"{m}_blocked": [] for m in modes}, "async_written": []}
             for repeat in range(args.repeats):
                 for mode in (modes if repeat % 2 == 0 else modes[::-1]):  # a drift in speed favours none of them
-                    per_step, blocked = timed_steps(trainer, steps, every, mode)
+                    per_step, blocked, written = timed_steps(trainer, steps, every, mode)
                     timing[mode].append(per_step)
                     timing[f"{mode}_blocked"].append(blocked)
+                    if mode == "async":
+                        timing["async_written"].append(written)
         if rank == 0:
             Path(args.out).write_text(json.dumps({"saves": rows, "timing": timing}))
     finally:
