@@ -1,24 +1,25 @@
 """``toolkit bench checkpoint``: what a save costs, ``whole`` against ``sharded``, and what ``async_save`` costs
 the step loop.
 
-For each engine (``ddp``, ``zero1``-``zero3``) and process count, one real multi-process run
-(``accelerate launch``, gloo on the CPU; default ``configs/bench-memory.yaml``, 57M parameters, a global batch of
-one sample per process) trains two steps,
-so that AdamW has its moments, then saves in each format in turn (``--repeats`` times each, alternating). Each
-rank measures its save's wall time and its peak resident set above the one before the save (the high-water
-mark is reset through ``/proc/self/clear_refs`` just before); the table gives rank 0's, beside the bytes of its
-own shard and of the whole state (fp32 weights and two AdamW moments, 12 bytes per parameter).
+For each engine (``ddp``, ``zero1``-``zero3``) and process count, one real multi-process run (``accelerate
+launch``, gloo on the CPU; default ``configs/bench-memory.yaml``, 57M parameters, a global batch of one sample per
+process) trains two steps, so that AdamW has its moments, then saves in each format in turn (``--repeats`` times
+each, alternating). Each rank measures its save's wall time and its peak resident set above the one before the
+save (the high-water mark is reset through ``/proc/self/clear_refs`` just before); the table gives rank 0's,
+beside the bytes of its own shard and of the whole state (fp32 weights and two AdamW moments, 12 bytes per
+parameter).
 
-The first launch also times the step loop: ``--steps`` steps without checkpoints, with a sharded checkpoint every
-``--every`` steps written in the background (``checkpoint.async_save``), and the same written synchronously,
-alternating ``--repeats`` times (the order flipping each repeat); the mean step time of each, saves included, and
-its ratio to the run without checkpoints of the same repeat (the median of these paired ratios). The timed steps
-start half-way between two checkpoint steps, so that the last save, too, has half an interval to be written in
-before the run's final wait (as in the steady state of a long run); the report also gives the seconds the step
-loop was held per save and how long a background save took to write.
+A last launch (the first engine and process count) times the step loop: ``--steps`` steps without checkpoints,
+with a sharded checkpoint every ``--every`` steps written in the background (``checkpoint.async_save``), and the
+same written synchronously, alternating ``--repeats`` times (the order flipping each repeat); the mean step time
+of each, saves included, and its ratio to the run without checkpoints of the same repeat (the median of these
+paired ratios). The timed steps start half-way between two checkpoint steps, so that the last save, too, has
+half an interval to be written in before the run's final wait (as in the steady state of a long run); the report
+also gives the seconds the step loop was held per save and how long a background save took to write.
 
-The runs set ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed tensors to the system at once and the
-resident set follows the live tensors.
+The runs that measure saves set ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed tensors to the
+system at once and the resident set follows the live tensors; the timing run does not (every allocation would
+fault its pages in afresh, and the step loop would measure the kernel).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def launch(config: Path, overrides: list[str], engine: str, processes: int, out:
            "--main_process_port", str(free_port()), str(WORKER), "--config", str(config), "--out", str(out),
            "--repeats", str(repeats), *(["--timing", str(timing[0]), str(timing[1])] if timing else []),
            *overrides, *stage]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if timing is None:  # (memory: freed tensors go back to the system at once; not for timing, where every
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # allocation would then fault its pages in afresh)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("WORLD_SIZE", None)
     result = run_tree(cmd, timeout, env=env, cwd=ROOT)
@@ -63,18 +66,19 @@ def checkpoint_bench(config: str | os.PathLike, overrides: list[str], processes:
     if bad or not processes or min(processes) < 1 or repeats < 1 or steps < every or every < 1:
         raise ConfigError(f"bench checkpoint: --engines takes {','.join(ENGINES)} (got {','.join(engines)}); "
                           f"--processes >= 1, --repeats >= 1 and --steps >= --every >= 1")
-    rows, timing = [], None
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
+        def one(engine: str, count: int, timed: tuple[int, int] | None) -> dict:
+            name = f"{engine}-{count}{'-timing' if timed else ''}"
+            # One sample per rank per step (a user's batch.global_size still wins): the global batch must divide
+            # over every process count, and the save's cost does not depend on it.
+            run = [f"batch.global_size={count}", *overrides, f"run.dir={Path(tmp) / f'run-{name}'}"]
+            return launch(Path(config), run, engine, count, Path(tmp) / f"{name}.json", repeats, timed)
+
         for engine in engines:
             for count in processes:
-                out = Path(tmp) / f"{engine}-{count}.json"
-                # One sample per rank per step (a user's batch.global_size still wins): the global batch must divide
-                # over every process count, and the save's cost does not depend on it.
-                run = [f"batch.global_size={count}", *overrides, f"run.dir={Path(tmp) / f'run-{engine}-{count}'}"]
-                result = launch(Path(config), run, engine,
-                                count, out, repeats, (steps, every) if timing is None else None)
-                rows += result["saves"]
-                timing = timing or result.get("timing")
+                rows += one(engine, count, None)["saves"]
+        timing = one(engines[0], processes[0], (steps, every))["timing"]
     return {"config": str(config), "rows": rows, "timing": timing, "report": report(config, rows, timing)}
 
 

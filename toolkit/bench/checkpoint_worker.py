@@ -1,6 +1,8 @@
 """One rank of ``toolkit bench checkpoint`` (launched by toolkit/bench/checkpoint.py, not run by hand).
 
     accelerate launch ... checkpoint_worker.py --config FILE --out JSON [--repeats N] [--timing STEPS EVERY] key=value ...
+
+Without --timing it measures saves (whole and sharded, --repeats each); with it, the step loop only.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def main(argv: list[str]) -> int:
         world, rank = trainer.ranks.world_size, trainer.ranks.rank
         engine = f"zero{cfg.deepspeed.stage}" if cfg.deepspeed.stage is not None else "ddp"
         saves = []
-        for _ in range(args.repeats):
+        for _ in range(0 if args.timing else args.repeats):  # a launch measures either saves or the step loop
             for fmt in ("whole", "sharded"):
                 measured = measured_save(trainer, fmt)
                 mine, state = own_bytes(trainer, fmt)
@@ -119,7 +121,7 @@ def main(argv: list[str]) -> int:
                 saves.append({"engine": engine, "processes": world, "format": fmt, "state_bytes": state, **everyone[0],
                               "ranks": everyone})
         rows = []
-        for fmt in ("whole", "sharded"):  # the median save of each format
+        for fmt in ("whole", "sharded") if saves else ():  # the median save of each format
             mine = sorted((s for s in saves if s["format"] == fmt), key=lambda s: s["seconds"])
             rows.append(mine[len(mine) // 2])
         timing = None
