@@ -261,3 +261,20 @@ def test_a_reader_assembles_any_run_of_elements_from_the_pieces_that_hold_it(tmp
         shards.build_index({"param/0": ([10, 3], torch.float32)}, [[("param/0", 0, 7)], [("param/0", 8, 22)]], {}, {})
     with pytest.raises(ValueError, match="cover 29 of 30"):
         shards.build_index({"param/0": ([10, 3], torch.float32)}, [[("param/0", 0, 29)]], {}, {})
+
+
+def test_every_state_dict_name_of_a_sharded_checkpoint_names_a_tensor_it_writes():
+    """A frozen weight tied under two names (as an embedding and an output layer are) is written once, and both
+    names point at it; the trained parameters by their optimizer index."""
+    from torch import nn
+
+    from toolkit import pieces
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[1].weight = model[0].weight
+    model[0].weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = pieces.state_dict_names(model, params)
+    own, tensors = pieces.local_pieces(params, torch.optim.AdamW(params), None, model, 0, 1)
+    assert names == {"0.weight": "frozen/0.weight", "0.bias": "param/0", "1.weight": "frozen/0.weight", "1.bias": "param/1"}
+    assert set(names.values()) <= set(tensors) == {p.tensor for p in own}

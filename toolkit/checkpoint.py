@@ -83,6 +83,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_files(folder: Path, skip=()) -> None:
+    """Flush every file in ``folder`` to disk, but those named in ``skip``."""
+    for path in folder.iterdir():
+        if path.name not in skip:
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+
+
 def write_manifest(folder: Path, known: dict | None = None) -> None:
     """Record size and checksum of every file in ``folder`` (written last, flushed). ``known``: the entries of
     files whose writers hashed them as they wrote them (each rank its own), not read again here."""
@@ -333,10 +341,7 @@ def save_collectively(root: Path, step: int, rank: int, agree: Callable[[bool], 
         known.update(write_own(tmp))
 
     def commit() -> None:
-        for path in tmp.iterdir():  # flush every file before the manifest vouches for them
-            if path.name not in known:  # (the ranks flushed theirs)
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
+        fsync_files(tmp, skip=known)  # before the manifest vouches for them (the ranks flushed theirs)
         write_manifest(tmp, known)
         _fsync_dir(tmp)
         # A checkpoint of the same step from an earlier attempt is moved aside first and deleted only

@@ -8,7 +8,6 @@ torch.save, so the optimizer's whole state is in memory once (what ``whole`` mea
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -49,9 +48,7 @@ def convert_to_whole(source: Path, out: Path | None = None) -> Path:
         for path in source.iterdir():
             if path.name.startswith("rng-rank") or path.name == "state.json":
                 shutil.copy2(path, tmp / path.name)
-        for path in tmp.iterdir():  # on disk before the manifest vouches for them
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+        checkpoint.fsync_files(tmp)  # on disk before the manifest vouches for them
         checkpoint.write_manifest(tmp)
         tmp.replace(out)
     finally:

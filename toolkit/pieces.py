@@ -62,11 +62,11 @@ def local_pieces(params: list[torch.nn.Parameter], optimizer, zero_optimizer, mo
             views = [m.hp_fragment] + [m.get_optim_state_fragment(k) for k in ADAM_STATES if len(names) > 1]
             pieces += [Piece(name, start, v.reshape(-1)) for name, v in zip(names, views, strict=True)]
     if rank == 0:
-        held = {id(p) for p in params}
-        for name, p in model.named_parameters():  # frozen: whole on every rank (not under ZeRO-3: refused there)
-            if id(p) not in held:
-                tensors[f"frozen/{name}"] = (list(p.shape), p.dtype)
-                pieces.append(Piece(f"frozen/{name}", 0, p.detach().reshape(-1)))
+        named = dict(model.named_parameters())
+        for name in frozen_parameters(model, params):  # whole on every rank (not under ZeRO-3: refused there)
+            p = named[name]
+            tensors[f"frozen/{name}"] = (list(p.shape), p.dtype)
+            pieces.append(Piece(f"frozen/{name}", 0, p.detach().reshape(-1)))
         persistent = model.state_dict().keys()
         for name, b in model.named_buffers():
             if name in persistent:
@@ -99,9 +99,10 @@ def frozen_parameters(model: torch.nn.Module, params: list[torch.nn.Parameter]) 
 def state_dict_names(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[str, str]:
     """The model's state-dict names -> tensors (tied weights: both names, one tensor; a frozen parameter is written
     whole by rank 0, as ``frozen/<name>``)."""
-    index = {id(p): i for i, p in enumerate(params)}
-    names = {name: f"param/{index[id(p)]}" if id(p) in index else f"frozen/{name}"
-             for name, p in model.named_parameters(remove_duplicate=False)}
+    tensor = {id(p): f"param/{i}" for i, p in enumerate(params)}
+    for name, p in model.named_parameters():  # (a tied frozen parameter's first name is the one written)
+        tensor.setdefault(id(p), f"frozen/{name}")
+    names = {name: tensor[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
     persistent = model.state_dict().keys()
     names.update({name: f"buffer/{name}" for name, _ in model.named_buffers() if name in persistent})
     return names
