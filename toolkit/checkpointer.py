@@ -214,17 +214,14 @@ class Checkpointer:
         """After the engine is built: the optimizer state (into ZeRO's shards where DeepSpeed holds it) and this
         rank's RNG. Returns the training state for the trainer to take back."""
         folder, optimizer_state, rng, state = loaded
-        if isinstance(optimizer_state, shards.ShardReader):
-            if self.zero_shards:
-                pieces.load_zero_optimizer_state(self.ordered_params, self.model.optimizer, optimizer_state, self.ranks.rank)
-                optimizer_state = None
-            else:
-                optimizer_state = pieces.plain_optimizer_state(optimizer_state, self.optimizer_layout)
-        if optimizer_state is None:
-            pass
+        sharded = isinstance(optimizer_state, shards.ShardReader)
+        if sharded and self.zero_shards:  # only the moments this rank's partitions hold are read
+            pieces.load_zero_optimizer_state(self.ordered_params, self.model.optimizer, optimizer_state, self.ranks.rank)
         elif self.zero_shards:
             zero.load_full_optimizer_state(self.ordered_params, self.model.optimizer, optimizer_state)
         else:
+            if sharded:  # every rank holds the optimizer whole: read it whole
+                optimizer_state = pieces.plain_optimizer_state(optimizer_state, self.optimizer_layout)
             # The checkpoint's groups carry the kernel flags of the run that wrote it (a CPU run's unfused AdamW);
             # this run keeps its own, and torch places the step counts by them (on the GPU for the fused kernel).
             own = getattr(self.optimizer, "optimizer", self.optimizer).param_groups
